@@ -1,0 +1,1 @@
+"""Code shared by the stages and the service; each concern has exactly one home here."""

@@ -1,0 +1,174 @@
+"""Typed view of params.yaml. Every stage and the service read their knobs from here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from pipelines.common.errors import PipelineError
+
+PARAMS_FILE = Path("params.yaml")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DemoParams(Section):
+    n_pairs: int = Field(2400, ge=1)
+    n_customers: int = Field(600, ge=10)
+
+
+class CustomParams(Section):
+    examples: str | None = None
+    database: str | None = None
+    db_id: str = "custom"
+
+
+class IngestParams(Section):
+    source: Literal["demo", "spiderman", "spider", "custom"] = "demo"
+    path: str | None = None
+    split_mode: Literal["by_question", "by_database"] = "by_question"
+    dev_fraction: float = Field(0.1, ge=0, lt=1)
+    test_fraction: float = Field(0.1, ge=0, lt=1)
+    sample_values: int = Field(3, ge=0)
+    max_examples: int | None = Field(None, ge=1)
+    demo: DemoParams = DemoParams()
+    custom: CustomParams = CustomParams()
+
+
+class ValidateParams(Section):
+    on_failure: Literal["fail", "quarantine"] = "fail"
+    question_min_chars: int = Field(3, ge=1)
+    question_max_chars: int = Field(500, ge=1)
+    sql_timeout_s: float = Field(5.0, gt=0)
+
+
+class ModelParams(Section):
+    base: str = "scratch"
+
+
+class SerializationParams(Section):
+    include_types: bool = True
+    include_keys: bool = True
+    sample_values: int = Field(0, ge=0)
+    lowercase: bool = True
+
+
+class TokenizeParams(Section):
+    vocab_size: int = Field(4000, ge=100)
+    max_source_length: int = Field(384, ge=16)
+    max_target_length: int = Field(160, ge=8)
+    serialization: SerializationParams = SerializationParams()
+
+
+class T5Params(Section):
+    d_model: int = 256
+    d_ff: int = 1024
+    d_kv: int = 32
+    num_heads: int = 8
+    num_layers: int = 3
+    num_decoder_layers: int = 3
+    dropout_rate: float = 0.1
+
+
+class TrainParams(Section):
+    t5: T5Params = T5Params()
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    epochs: float = Field(8, gt=0)
+    max_train_minutes: float | None = Field(6.0, gt=0)
+    eval_steps: int = Field(200, ge=1)
+    early_stopping_patience: int = Field(3, ge=1)
+    save_total_limit: int = Field(2, ge=1)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    bf16: Literal["auto"] | bool = "auto"
+
+
+class DistillParams(Section):
+    student: T5Params = T5Params(d_model=128, d_ff=512, num_heads=4, num_layers=2, num_decoder_layers=2)
+    temperature: float = Field(2.0, gt=0)
+    alpha: float = Field(0.5, ge=0, le=1)
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(2e-3, gt=0)
+    epochs: float = Field(8, gt=0)
+    max_train_minutes: float | None = Field(3.0, gt=0)
+    sequence_level: bool = False
+
+
+class ExportParams(Section):
+    source: Literal["student", "teacher"] = "student"
+    quantize: bool = True
+    parity_examples: int = Field(64, ge=1)
+    int8_max_ex_drop: float = Field(0.01, ge=0, le=1)
+
+
+class EvaluateParams(Section):
+    model: Literal["onnx-int8", "onnx-fp32", "student", "teacher"] = "onnx-int8"
+    split: Literal["train", "dev", "test"] = "test"
+    num_beams: int = Field(4, ge=1)
+    max_new_tokens: int = Field(160, ge=1)
+    sql_timeout_s: float = Field(5.0, gt=0)
+    max_rows: int = Field(10000, ge=1)
+    max_examples: int | None = Field(None, ge=1)
+
+
+class PromoteParams(Section):
+    model_name: str = "nl2sql"
+    metric: str = "ex_execution_guided"
+    margin: float = Field(0.0, ge=0)
+
+
+class TrackingParams(Section):
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "nl2sql"
+
+
+class ServingParams(Section):
+    model: str = "models:/nl2sql@champion"
+    max_question_chars: int = Field(500, ge=1)
+    max_rows: int = Field(1000, ge=1)
+    sql_timeout_s: float = Field(5.0, gt=0)
+    num_beams: int = Field(4, ge=1)
+    reload_interval_s: float = Field(30, gt=0)
+
+
+class Params(Section):
+    seed: int = 42
+    ingest: IngestParams = IngestParams()
+    validate_: ValidateParams = Field(ValidateParams(), alias="validate")
+    model: ModelParams = ModelParams()
+    tokenize: TokenizeParams = TokenizeParams()
+    train: TrainParams = TrainParams()
+    distill: DistillParams = DistillParams()
+    export: ExportParams = ExportParams()
+    evaluate: EvaluateParams = EvaluateParams()
+    promote: PromoteParams = PromoteParams()
+    tracking: TrackingParams = TrackingParams()
+    serving: ServingParams = ServingParams()
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
+
+
+def load_params(path: str | Path = PARAMS_FILE) -> Params:
+    """Read and type-check params.yaml; every problem is reported with its key path."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: params file not found (run from the repository root)")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise PipelineError(f"{path}: not valid YAML: {exc}") from exc
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise PipelineError(f"{path}: {problems}") from exc
