@@ -81,6 +81,7 @@ class TrainParams(Section):
     learning_rate: float = Field(1e-3, gt=0)
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    lr_scheduler: Literal["linear", "cosine"] = "linear"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     epochs: float = Field(8, gt=0)
     max_train_minutes: float | None = Field(6.0, gt=0)
@@ -100,6 +101,7 @@ class DistillParams(Section):
     epochs: float = Field(8, gt=0)
     max_train_minutes: float | None = Field(3.0, gt=0)
     sequence_level: bool = False
+    sequence_level_beams: int = Field(4, ge=1)
 
 
 class ExportParams(Section):

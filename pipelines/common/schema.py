@@ -5,6 +5,7 @@ what a database looks like (serialization, validation, serving) reads this, neve
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -80,22 +81,20 @@ def load(path: str | Path) -> SchemaSnapshot:
     return SchemaSnapshot.load(path)
 
 
-def _sample_values(connection, table, column, limit: int) -> list[str]:
+def _sample_values(connection, table: str, column: str, limit: int) -> list[str]:
+    """A few distinct non-null values, as the driver returns them (no SQLAlchemy type conversion:
+    benchmark data has dates such as '1975-8-1' that a DATETIME column processor would reject)."""
     import sqlalchemy as sa
 
     if limit <= 0:
         return []
-    query = (
-        sa.select(column)
-        .where(column.is_not(None))
-        .distinct()
-        .order_by(column)
-        .limit(limit)
-    )
+    quote = connection.dialect.identifier_preparer.quote
+    query = (f"SELECT DISTINCT {quote(column)} FROM {quote(table)} WHERE {quote(column)} IS NOT NULL "
+             f"ORDER BY 1 LIMIT {int(limit)}")
     try:
-        values = connection.execute(query).scalars().all()
+        values = [row[0] for row in connection.exec_driver_sql(query)]
     except sa.exc.DBAPIError:
-        # Some types cannot be compared/ordered (e.g. PostgreSQL json); samples are a nicety, not a must.
+        # Some types cannot be ordered (e.g. PostgreSQL json); samples are a nicety, not a must.
         connection.rollback()
         return []
     return [v.hex() if isinstance(v, bytes) else str(v) for v in values]
@@ -103,28 +102,30 @@ def _sample_values(connection, table, column, limit: int) -> list[str]:
 
 def introspect(target: str | Path, db_id: str, sample_values: int = 3) -> SchemaSnapshot:
     """Snapshot a live database (a SQLite file path or any SQLAlchemy URL) via SQLAlchemy inspection.
-    For URLs with a schema search path (PostgreSQL), the default schema of the connection is read."""
+    For URLs with a schema search path (PostgreSQL), the default schema of the connection is read.
+    `dialect` is the sqlglot dialect SQL must be written in for this database."""
     import sqlalchemy as sa
 
-    from pipelines.common.databases import engine_for, mask_url
+    from pipelines.common.databases import engine_for, mask_url, sqlglot_dialect
 
     engine = engine_for(target)
     tables: list[Table] = []
     foreign_keys: list[ForeignKey] = []
     try:
-        with engine.connect() as connection:
+        with engine.connect() as connection, warnings.catch_warnings():
+            # MySQL-style display widths such as INTEGER(11) make SQLAlchemy's SQLite reflection warn
+            # for every such column; the reflected type is right either way.
+            warnings.filterwarnings("ignore", message="Could not instantiate type .* reflected arguments")
             inspector = sa.inspect(connection)
-            metadata = sa.MetaData()
             for table_name in inspector.get_table_names():
                 pk = set(inspector.get_pk_constraint(table_name).get("constrained_columns") or [])
-                sa_table = sa.Table(table_name, metadata, autoload_with=connection)
                 columns = [
                     Column(
                         name=col["name"],
                         type=str(col["type"]),
                         primary_key=col["name"] in pk,
                         nullable=bool(col.get("nullable", True)) and col["name"] not in pk,
-                        samples=_sample_values(connection, sa_table, sa_table.c[col["name"]], sample_values),
+                        samples=_sample_values(connection, table_name, col["name"], sample_values),
                     )
                     for col in inspector.get_columns(table_name)
                 ]
@@ -140,4 +141,5 @@ def introspect(target: str | Path, db_id: str, sample_values: int = 3) -> Schema
                             f"{str(exc.orig if getattr(exc, 'orig', None) else exc).strip()}") from exc
     finally:
         engine.dispose()
-    return SchemaSnapshot(db_id=db_id, dialect=engine.dialect.name, tables=tables, foreign_keys=foreign_keys)
+    return SchemaSnapshot(db_id=db_id, dialect=sqlglot_dialect(target), tables=tables,
+                          foreign_keys=foreign_keys)

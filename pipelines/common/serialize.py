@@ -1,0 +1,279 @@
+"""(question, schema) -> model input text, and SQL -> model target text.
+
+Input format (one line; ` | ` separates sections, ` ; ` separates tables, `, ` separates columns):
+
+    question: how many customers live in paris? | schema: customers: id (number, pk), name (text),
+    city (text, values: Paris / Lyon) ; orders: id (number, pk), customer_id (number) | fk: orders.customer_id = customers.id
+
+- `include_types`: each column carries a coarse type (number, text, time, boolean, blob, others), as in Spider.
+- `include_keys`: primary-key columns are marked `pk`, and a final `fk:` section lists foreign keys.
+- `sample_values: N`: up to N sample values per column (`values: a / b`).
+- `lowercase`: the question, schema names and SQL targets are lower-cased EXCEPT inside quotes ('...' or "..."),
+  and sample values keep their case. SQLite identifiers and keywords are case-insensitive, so lower-casing them
+  is lossless, while a string literal must stay byte-equal to the value in the database for the query to
+  return the right rows; the sample values are where the model can copy that exact case from.
+
+Truncation (when `max_tokens` and `count_tokens` are given): the question is never cut. Schema items are scored
+by lexical overlap with the question and the least relevant go first, until the text fits:
+sample values, then unmatched columns of unmatched tables, then unmatched tables, then unmatched columns of
+matched tables. Whatever still does not fit is cut by the tokenizer's own truncation (schema tail first).
+The serialization config (these options + max lengths) is saved as `serialization.json` beside every model.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from pipelines.common.errors import PipelineError
+from pipelines.common.io import read_json, write_json
+from pipelines.common.params import SerializationParams
+from pipelines.common.paths import SERIALIZATION_FILE
+
+# Bumped when the text format changes, so a model is never fed inputs in a format it was not trained on.
+FORMAT_VERSION = 1
+
+
+class SerializationConfig(BaseModel):
+    """Everything needed to rebuild a model's inputs exactly as in training (evaluation, serving)."""
+
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+    format_version: int = FORMAT_VERSION
+    serialization: SerializationParams
+    max_source_length: int
+    max_target_length: int
+    model_base: str  # `model.base` the tokenizer was built for ("scratch" or a checkpoint)
+
+
+def save_config(directory: str | Path, config: SerializationConfig) -> Path:
+    path = Path(directory) / SERIALIZATION_FILE
+    write_json(path, config.model_dump())
+    return path
+
+
+def load_config(directory: str | Path) -> SerializationConfig:
+    path = Path(directory) / SERIALIZATION_FILE
+    raw = read_json(path)
+    try:
+        config = SerializationConfig.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise PipelineError(f"{path}: invalid serialization config: {problems}") from exc
+    if config.format_version != FORMAT_VERSION:
+        raise PipelineError(
+            f"{path}: serialization format_version {config.format_version}, this code writes "
+            f"{FORMAT_VERSION}; re-run the tokenize stage and retrain"
+        )
+    return config
+
+
+# --- case handling ---------------------------------------------------------------------------------
+
+# A quote opens a quoted span only when it does not follow a letter or digit, so the apostrophes of
+# "what's" or "customers' names" in a question are not mistaken for string literals.
+_QUOTED = re.compile(r"""(?<![A-Za-z0-9])(?:'(?:[^']|'')*'|"(?:[^"]|"")*")""")
+
+
+def lowercase_outside_quotes(text: str) -> str:
+    """Lower-case everything except quoted spans ('...' and "...", doubled quotes as escapes)."""
+    pieces, position = [], 0
+    for match in _QUOTED.finditer(text):
+        pieces += [text[position : match.start()].lower(), match.group()]
+        position = match.end()
+    pieces.append(text[position:].lower())
+    return "".join(pieces)
+
+
+def serialize_target(sql: str, cfg: SerializationParams) -> str:
+    """The SQL text the model learns to emit (same case rule as the inputs)."""
+    sql = " ".join(sql.split())
+    return lowercase_outside_quotes(sql) if cfg.lowercase else sql
+
+
+# --- types and relevance ---------------------------------------------------------------------------
+
+_TYPE_RULES = (
+    ("boolean", ("BOOL",)),
+    ("number", ("INT", "REAL", "NUM", "FLOA", "DOUB", "DEC", "SERIAL")),
+    ("time", ("DATE", "TIME", "YEAR")),
+    ("text", ("CHAR", "TEXT", "CLOB", "STRING", "VARCHAR")),
+    ("blob", ("BLOB", "BINARY", "BYTEA")),
+)
+
+
+def coarse_type(sql_type: str | None) -> str:
+    """Map a database column type to Spider's coarse types; the model needs the kind, not the width."""
+    upper = (sql_type or "").upper()
+    for name, markers in _TYPE_RULES:
+        if any(m in upper for m in markers):
+            return name
+    return "others"
+
+
+_WORD = re.compile(r"[A-Za-z]+|\d+")
+_CAMEL = re.compile(r"(?<=[a-z])(?=[A-Z])")
+
+
+def _stem(word: str) -> str:
+    # Crude plural folding is enough for overlap scoring ("customers" vs "customer").
+    word = word.lower()
+    if len(word) > 4 and word.endswith("ies"):
+        return word[:-3] + "y"
+    if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
+        return word[:-1]
+    return word
+
+
+def name_words(name: str) -> set[str]:
+    """Words of an identifier: `customer_id` / `CustomerId` -> {customer, id}."""
+    return {_stem(w) for w in _WORD.findall(_CAMEL.sub(" ", name))}
+
+
+def _overlap(words: set[str], question_words: set[str]) -> float:
+    return len(words & question_words) / len(words) if words else 0.0
+
+
+# --- serialization -------------------------------------------------------------------------------
+
+
+@dataclass
+class _Column:
+    name: str
+    type: str
+    primary_key: bool
+    samples: list[str]
+    score: float
+    show_samples: bool = True
+    kept: bool = True
+
+
+@dataclass
+class _Table:
+    name: str
+    score: float
+    columns: list[_Column] = field(default_factory=list)
+    kept: bool = True
+
+    @property
+    def matched(self) -> bool:
+        return self.score > 0 or any(c.score > 0 for c in self.columns)
+
+
+def _prepare(question: str, schema: Any, cfg: SerializationParams) -> list[_Table]:
+    question_words = {_stem(w) for w in _WORD.findall(question)}
+    question_lower = question.lower()
+    tables = []
+    for table in schema.tables:
+        prepared = _Table(table.name, _overlap(name_words(table.name), question_words))
+        for column in table.columns:
+            samples = [str(s) for s in (column.samples or [])][: cfg.sample_values]
+            score = _overlap(name_words(column.name), question_words)
+            # A sample value quoted by the question ("... in Paris") makes the column relevant too.
+            if any(len(s) > 2 and s.lower() in question_lower for s in samples):
+                score += 1.0
+            prepared.columns.append(
+                _Column(column.name, coarse_type(column.type), bool(column.primary_key), samples, score)
+            )
+        tables.append(prepared)
+    return tables
+
+
+def _removal_steps(tables: list[_Table]) -> list[Callable[[], None]]:
+    """The truncation policy as an ordered list of reversible-by-rebuild edits, least relevant first."""
+    steps: list[Callable[[], None]] = []
+
+    def by_relevance(columns: list[_Column]) -> list[_Column]:
+        return sorted(columns, key=lambda c: c.score)
+
+    every_column = [c for t in tables for c in t.columns]
+    for column in by_relevance([c for c in every_column if c.samples]):
+        steps.append(lambda c=column: setattr(c, "show_samples", False))
+    unmatched_tables = sorted((t for t in tables if not t.matched), key=lambda t: t.score)
+    for table in unmatched_tables:
+        # Keep the first column (usually the key) so the table stays joinable until it is dropped whole.
+        for column in reversed(table.columns[1:]):
+            steps.append(lambda c=column: setattr(c, "kept", False))
+    for table in reversed(unmatched_tables):
+        steps.append(lambda t=table: setattr(t, "kept", False))
+    for table in (t for t in tables if t.matched):
+        for column in by_relevance([c for c in table.columns if c.score == 0 and not c.primary_key]):
+            steps.append(lambda c=column: setattr(c, "kept", False))
+    return steps
+
+
+def _render(question: str, tables: list[_Table], foreign_keys: list[Any], cfg: SerializationParams) -> str:
+    def case(text: str) -> str:
+        return lowercase_outside_quotes(text) if cfg.lowercase else text
+
+    rendered_tables = []
+    kept_columns: set[tuple[str, str]] = set()
+    for table in tables:
+        if not table.kept:
+            continue
+        items = []
+        for column in table.columns:
+            if not column.kept:
+                continue
+            kept_columns.add((table.name.lower(), column.name.lower()))
+            details = []
+            if cfg.include_types:
+                details.append(column.type)
+            if cfg.include_keys and column.primary_key:
+                details.append("pk")
+            if column.show_samples and column.samples:
+                details.append("values: " + " / ".join(" ".join(s.split()) for s in column.samples))
+            text = case(column.name)
+            items.append(f"{text} ({', '.join(details)})" if details else text)
+        rendered_tables.append(f"{case(table.name)}: {', '.join(items)}")
+    parts = [f"question: {case(' '.join(question.split()))}", "schema: " + " ; ".join(rendered_tables)]
+    if cfg.include_keys:
+        links = [
+            f"{case(fk.table)}.{case(fk.column)} = {case(fk.ref_table)}.{case(fk.ref_column)}"
+            for fk in foreign_keys
+            if (fk.table.lower(), fk.column.lower()) in kept_columns
+            and (fk.ref_table.lower(), fk.ref_column.lower()) in kept_columns
+        ]
+        if links:
+            parts.append("fk: " + " ; ".join(links))
+    return " | ".join(parts)
+
+
+def serialize(
+    question: str,
+    schema: Any,
+    cfg: SerializationParams,
+    max_tokens: int | None = None,
+    count_tokens: Callable[[str], int] | None = None,
+) -> str:
+    """Model input for `question` over `schema` (a `SchemaSnapshot` or anything with the same attributes).
+
+    With `max_tokens` and `count_tokens` (text -> token count, special tokens included), the least relevant
+    schema items are dropped until the text fits; see the module docstring for the order."""
+    foreign_keys = list(getattr(schema, "foreign_keys", None) or [])
+    tables = _prepare(question, schema, cfg)
+    text = _render(question, tables, foreign_keys, cfg)
+    if max_tokens is None or count_tokens is None or count_tokens(text) <= max_tokens:
+        return text
+    n_steps = len(_removal_steps(tables))
+
+    def render_after(k: int) -> str:
+        fresh = _prepare(question, schema, cfg)
+        for step in _removal_steps(fresh)[:k]:
+            step()
+        return _render(question, fresh, foreign_keys, cfg)
+
+    # Fewer removals is always longer, so binary-search the smallest k that fits: O(log n) tokenizations.
+    low, high = 1, n_steps
+    while low < high:
+        mid = (low + high) // 2
+        if count_tokens(render_after(mid)) <= max_tokens:
+            high = mid
+        else:
+            low = mid + 1
+    return render_after(low)

@@ -1,0 +1,121 @@
+"""Export stage and ONNX loading on the tiny pipeline: fp32 + int8 written and loadable, parity enforced,
+nothing half-written on failure, clear errors for missing/incomplete inputs, no double quantization."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import make_tiny_params
+from pipelines import export
+from pipelines.common.errors import PipelineError
+from pipelines.common.generate import generate
+from pipelines.common.io import read_json
+from pipelines.common.model_io import load_for_generation
+from pipelines.common.onnx_model import DECODER_FILE, ENCODER_FILE, choose_provider, is_quantized, load_onnx
+
+
+@pytest.fixture
+def trained_copy(trained_workspace, tmp_path, monkeypatch) -> Path:
+    """A writable copy of trained_workspace as the current directory."""
+    root = tmp_path / "ws"
+    shutil.copytree(trained_workspace, root)
+    monkeypatch.chdir(root)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
+    return root
+
+
+def test_export_writes_fp32_and_int8_that_match_pytorch(exported_workspace, monkeypatch):
+    monkeypatch.chdir(exported_workspace)
+    metrics = read_json("metrics/export.json")
+    assert metrics["source"] == "student"
+    assert metrics["parity"] == {"examples": 4, "mismatches": 0}
+    assert 0 < metrics["int8"]["bytes"] < metrics["fp32"]["bytes"]
+    assert metrics["fp32"]["n_scored"] + metrics["fp32"]["n_gold_error"] == metrics["dev_examples"]
+    assert not list(Path("models").glob(".onnx*")), "no staging directory may be left behind"
+
+    for variant in ("fp32", "int8"):
+        directory = Path("models/onnx") / variant
+        assert {ENCODER_FILE, DECODER_FILE, "serialization.json", "tokenizer.json"} <= {p.name for p in directory.iterdir()}
+        assert not list(directory.glob("decoder_model.onnx")), "only the merged decoder is shipped"
+        assert is_quantized(directory / ENCODER_FILE) == (variant == "int8")
+        assert is_quantized(directory / DECODER_FILE) == (variant == "int8")
+
+    # Independent of the stage's own check: fp32 ONNX greedy == PyTorch greedy on a batch of mixed lengths.
+    pytorch, tokenizer, config = load_for_generation("models/student", device="cpu")
+    onnx_fp32 = load_onnx("models/onnx/fp32", device="cpu")
+    questions = ["question: how many customers are there? | schema: customers: id (number, pk)",
+                 "question: list the names | schema: customers: id (number, pk), name (text)"]
+    expected = generate(pytorch, tokenizer, questions, max_new_tokens=24)
+    assert generate(onnx_fp32, tokenizer, questions, max_new_tokens=24) == expected
+    onnx_int8 = load_onnx("models/onnx/int8", device="cpu")
+    assert len(generate(onnx_int8, tokenizer, questions, max_new_tokens=24)) == 2
+
+
+def test_parity_failure_raises_and_writes_nothing(trained_copy, monkeypatch):
+    """The ONNX graphs come from a different (re-initialized) model than the PyTorch reference."""
+    from transformers import T5ForConditionalGeneration
+
+    real_export = export.export_onnx
+
+    def export_mismatched_model(model_dir: Path, output: Path) -> None:
+        other = trained_copy / "other-model"
+        shutil.copytree(model_dir, other)
+        torch.manual_seed(1234)
+        config = T5ForConditionalGeneration.from_pretrained(other).config
+        T5ForConditionalGeneration(config).save_pretrained(other)
+        real_export(other, output)
+
+    monkeypatch.setattr(export, "export_onnx", export_mismatched_model)
+    params = make_tiny_params(export={"source": "teacher", "parity_examples": 4})
+    with pytest.raises(PipelineError, match=r"differs from PyTorch on \d+ of 4 dev examples.*pytorch '.*' vs onnx"):
+        export.main(params)
+    assert not Path("models/onnx").exists()
+    assert not list(Path("models").glob(".onnx*"))
+    assert not Path("metrics/export.json").exists()
+
+
+def test_missing_or_incomplete_source_model(trained_copy):
+    params = make_tiny_params()  # export.source: student, which distill has not written here
+    with pytest.raises(PipelineError, match=r"models/student: not found .*run the distill stage"):
+        export.main(params)
+    Path("models/student").mkdir()
+    shutil.copy("models/teacher/config.json", "models/student/config.json")
+    with pytest.raises(PipelineError, match=r"models/student: incomplete model directory, missing weights"):
+        export.main(params)
+    assert not Path("models/onnx").exists()
+
+
+def test_load_onnx_reports_missing_and_incomplete_directories(exported_workspace, tmp_path):
+    with pytest.raises(PipelineError, match=r"nowhere: ONNX model directory not found"):
+        load_onnx(tmp_path / "nowhere")
+    broken = tmp_path / "broken"
+    shutil.copytree(exported_workspace / "models/onnx/fp32", broken)
+    (broken / DECODER_FILE).unlink()
+    (broken / "serialization.json").unlink()
+    with pytest.raises(PipelineError, match=r"incomplete ONNX export, missing serialization.json, decoder_model_merged"):
+        load_onnx(broken)
+    (broken / "serialization.json").write_text("{}")
+    (broken / DECODER_FILE).write_bytes(b"not an onnx graph")
+    with pytest.raises(PipelineError, match=r"broken: cannot load ONNX model"):
+        load_onnx(broken)
+
+
+def test_quantizing_a_quantized_model_is_refused(exported_workspace, tmp_path):
+    with pytest.raises(PipelineError, match=r"int8: .*already quantized"):
+        export.quantize_graphs(exported_workspace / "models/onnx/int8", tmp_path / "twice")
+    assert not (tmp_path / "twice").exists()
+
+
+def test_execution_provider_choice():
+    import onnxruntime as ort
+
+    gpu = "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
+    assert choose_provider("cpu") == "CPUExecutionProvider"
+    assert choose_provider("auto") == ("CUDAExecutionProvider" if gpu else "CPUExecutionProvider")
+    if not gpu:
+        with pytest.raises(PipelineError, match="device 'cuda' requested for ONNX Runtime but it is unavailable"):
+            choose_provider("cuda")
