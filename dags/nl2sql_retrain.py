@@ -16,7 +16,8 @@ parsing, nothing heavy imported at top level; the tasks run in the pipeline's ow
 
 ================================  ==============================================================
 NL2SQL_WORKSPACE                  the DVC project the stages run in (default: this repository)
-NL2SQL_PYTHON                     python of the pipeline's virtualenv (default: <workspace>/.venv)
+NL2SQL_PYTHON                     python of the pipeline's virtualenv (default: <workspace>/.venv/bin/python
+                                  if it exists, else the python running Airflow)
 NL2SQL_RETRAIN_SCHEDULE           cron expression or preset for retraining (default ``@weekly``;
                                   ``none``: only data-triggered and manual runs)
 NL2SQL_DATA_DIR                   the drop folder the watcher fingerprints (default
@@ -25,7 +26,8 @@ NL2SQL_DATA_DIR                   the drop folder the watcher fingerprints (defa
 NL2SQL_DATA_WATCH_SCHEDULE        cron for the watcher (default every 10 minutes; ``none``: off)
 NL2SQL_DATA_SETTLE_S              ignore files modified less than this many seconds ago (default 60),
                                   so a drop still being copied does not start a retrain
-NL2SQL_SERVICE_URL                base URL of the BentoML service; unset: the reload task is skipped
+NL2SQL_SERVICE_URL                base URL of the BentoML service, or a comma-separated list of
+                                  replicas (each is told); unset: the reload task is skipped
 NL2SQL_ADMIN_TOKEN                the service's admin token (sent as X-Admin-Token), if it has one
 NL2SQL_DVC_REMOTE_SYNC            ``1``: ``--pull`` before and ``dvc push`` after each stage, for workers
                                   that do not share one workspace (Celery/Kubernetes on many machines)
@@ -37,6 +39,7 @@ from __future__ import annotations
 import logging
 import os
 import shlex
+import sys
 from datetime import timedelta
 from pathlib import Path
 
@@ -48,9 +51,12 @@ log = logging.getLogger("nl2sql.airflow")
 REPO = Path(__file__).resolve().parents[1]
 WORKSPACE = Path(os.environ.get("NL2SQL_WORKSPACE", str(REPO))).resolve()
 DEFAULT_PYTHON = WORKSPACE / ".venv" / "bin" / "python"
-PYTHON = os.environ.get("NL2SQL_PYTHON") or (str(DEFAULT_PYTHON) if DEFAULT_PYTHON.exists() else "python")
+# Fallback: the interpreter running Airflow, which has the pipeline's packages when both share one venv.
+PYTHON = os.environ.get("NL2SQL_PYTHON") or str(DEFAULT_PYTHON if DEFAULT_PYTHON.exists() else sys.executable)
 DATA_DIR = Path(os.environ.get("NL2SQL_DATA_DIR", str(WORKSPACE / "data" / "incoming"))).resolve()
-SERVICE_URL = os.environ.get("NL2SQL_SERVICE_URL", "").rstrip("/")
+SERVICE_URLS = [
+    url.strip().rstrip("/") for url in os.environ.get("NL2SQL_SERVICE_URL", "").split(",") if url.strip()
+]
 DVC_REMOTE_SYNC = os.environ.get("NL2SQL_DVC_REMOTE_SYNC", "0") == "1"
 
 
@@ -92,7 +98,7 @@ def log_task_failure(context) -> None:
         ti.try_number,
         task_obj.retries + 1,
         ti.run_id,
-        context.get("exception") or "see the task log above",
+        str(context.get("exception") or "see the task log above").rstrip("."),
         WORKSPACE,
         PYTHON,
         stage,
@@ -128,10 +134,8 @@ def stage_command(stage: str) -> str:
 
 def stage_env() -> dict[str, str]:
     """The stage commands in dvc.yaml call `python`: put the pipeline's virtualenv first on PATH."""
-    venv_bin = str(Path(PYTHON).parent) if os.sep in PYTHON else ""
-    path = os.environ.get("PATH", "")
     return {
-        "PATH": f"{venv_bin}{os.pathsep}{path}" if venv_bin else path,
+        "PATH": f"{Path(PYTHON).parent}{os.pathsep}{os.environ.get('PATH', '')}",
         "PYTHONUNBUFFERED": "1",
         "TOKENIZERS_PARALLELISM": "false",
     }
@@ -141,7 +145,9 @@ with DAG(
     dag_id="nl2sql_retrain",
     description="Retrain, distill, export, evaluate and promote the NL-to-SQL model through DVC",
     schedule=(
-        AssetOrTimeSchedule(timetable=CronTriggerTimetable(RETRAIN_CRON, timezone="UTC"), assets=TRAINING_DATA)
+        AssetOrTimeSchedule(
+            timetable=CronTriggerTimetable(RETRAIN_CRON, timezone="UTC"), assets=TRAINING_DATA
+        )
         if RETRAIN_CRON
         else TRAINING_DATA
     ),
@@ -151,7 +157,9 @@ with DAG(
     max_active_runs=1,
     default_args=DEFAULT_ARGS,
     params={
-        "force": Param(False, type="boolean", description="Re-run every stage even if DVC finds it unchanged"),
+        "force": Param(
+            False, type="boolean", description="Re-run every stage even if DVC finds it unchanged"
+        ),
         "reload_service": Param(True, type="boolean", description="POST /reload to the service at the end"),
     },
     tags=["nl2sql", "training"],
@@ -174,10 +182,10 @@ with DAG(
 
     @task(task_id="reload_service", execution_timeout=timedelta(minutes=5), retries=3)
     def reload_service(params=None) -> dict:
-        """Ask the serving process to load the current champion; skipped when no service is configured."""
+        """Ask every serving replica to load the current champion; skipped when none is configured."""
         from airflow.sdk.exceptions import AirflowSkipException
 
-        if not SERVICE_URL:
+        if not SERVICE_URLS:
             raise AirflowSkipException("NL2SQL_SERVICE_URL is not set: no service to reload")
         if not params["reload_service"]:
             raise AirflowSkipException("reload_service=false for this run")
@@ -188,16 +196,16 @@ with DAG(
         headers = {}
         if token := os.environ.get("NL2SQL_ADMIN_TOKEN"):
             headers["X-Admin-Token"] = token
-        response = httpx.post(f"{SERVICE_URL}/reload", json={}, headers=headers, timeout=120)
-        if response.status_code >= 400:
-            raise RuntimeError(
-                f"POST {SERVICE_URL}/reload answered {response.status_code}: {response.text[:500]}"
-            )
-        log.info("service reloaded: %s", response.text[:500])
-        try:
-            return response.json()
-        except ValueError:
-            return {"status_code": response.status_code, "body": response.text[:500]}
+        answers = {}
+        for url in SERVICE_URLS:
+            response = httpx.post(f"{url}/reload", json={}, headers=headers, timeout=120)
+            if response.status_code >= 400:
+                raise RuntimeError(
+                    f"POST {url}/reload answered {response.status_code}: {response.text[:500]}"
+                )
+            log.info("%s reloaded: %s", url, response.text[:500])
+            answers[url] = response.json()
+        return answers
 
     chain(*stage_tasks, reload_service())
 
@@ -253,7 +261,7 @@ with DAG(
         Variable.set(FINGERPRINT_VARIABLE, fingerprint, description=f"last seen state of {DATA_DIR}")
         summary = {"folder": str(DATA_DIR), "files": files, "fingerprint": fingerprint}
         outlet_events[TRAINING_DATA].extra = summary
-        log.info("new training data in %s (%d files): emitting an event on %s", DATA_DIR, files, TRAINING_DATA)
+        log.info("new training data in %s (%d files): event on %s", DATA_DIR, files, TRAINING_DATA.name)
         return summary
 
     detect_new_data()

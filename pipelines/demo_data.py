@@ -148,40 +148,52 @@ SUPPLIER_COUNTRIES = (
     ("Sweden", ("Gothenburg", "Malmo")), ("Brazil", ("Curitiba", "Campinas")),
 )
 
-SUPPLIER_WORDS_A = "North Blue Summit Pacific Atlas Keystone Evergreen Silver Pioneer Harbor Golden Cedar Prairie Orbit".split()
-SUPPLIER_WORDS_B = "Trading Supply Goods Imports Manufacturing Wholesale Distributors Industries Partners Works".split()
+SUPPLIER_WORDS_A = ("North Blue Summit Pacific Atlas Keystone Evergreen Silver Pioneer Harbor Golden "
+                    "Cedar Prairie Orbit").split()
+SUPPLIER_WORDS_B = ("Trading Supply Goods Imports Manufacturing Wholesale Distributors Industries "
+                    "Partners Works").split()
 
 # category -> (description, price range in dollars, product nouns)
 CATEGORIES = {
     "Electronics": ("Phones, audio and small gadgets", (15, 900),
-                    "Headphones Speaker Smartwatch Tablet Charger Earbuds Camera Router Keyboard Monitor".split()),
+                    "Headphones Speaker Smartwatch Tablet Charger Earbuds Camera Router Keyboard "
+                    "Monitor".split()),
     "Kitchen": ("Cookware and kitchen appliances", (8, 350),
-                "Skillet Blender Kettle Toaster Knife-Set Cutting-Board Mixer Coffee-Maker Saucepan Colander".split()),
+                "Skillet Blender Kettle Toaster Knife-Set Cutting-Board Mixer Coffee-Maker Saucepan "
+                "Colander".split()),
     "Home Decor": ("Lighting, rugs and decorative items", (10, 450),
                    "Lamp Rug Vase Mirror Cushion Curtain Candle Frame Throw-Blanket Clock".split()),
     "Outdoor": ("Camping, garden and patio gear", (12, 600),
-                "Tent Backpack Lantern Hammock Cooler Grill Sleeping-Bag Garden-Hose Folding-Chair Planter".split()),
+                "Tent Backpack Lantern Hammock Cooler Grill Sleeping-Bag Garden-Hose Folding-Chair "
+                "Planter".split()),
     "Toys": ("Games and toys for all ages", (5, 120),
              "Puzzle Board-Game Building-Blocks Plush-Bear Kite Yo-Yo Doll Toy-Train Art-Kit Drone".split()),
     "Apparel": ("Clothing and accessories", (9, 220),
                 "T-Shirt Jacket Hoodie Scarf Beanie Jeans Raincoat Sneakers Gloves Belt".split()),
     "Grocery": ("Pantry staples and snacks", (2, 40),
-                "Coffee-Beans Green-Tea Olive-Oil Pasta Granola Honey Dark-Chocolate Rice Almonds Maple-Syrup".split()),
+                "Coffee-Beans Green-Tea Olive-Oil Pasta Granola Honey Dark-Chocolate Rice Almonds "
+                "Maple-Syrup".split()),
     "Beauty": ("Skin care and personal care", (4, 90),
-               "Face-Cream Shampoo Conditioner Lip-Balm Sunscreen Body-Lotion Perfume Hand-Soap Serum Razor".split()),
+               "Face-Cream Shampoo Conditioner Lip-Balm Sunscreen Body-Lotion Perfume Hand-Soap Serum "
+               "Razor".split()),
     "Sports": ("Fitness and sports equipment", (7, 500),
-               "Yoga-Mat Dumbbell Tennis-Racket Basketball Soccer-Ball Jump-Rope Bike-Helmet Water-Bottle Treadmill Kettlebell".split()),
+               "Yoga-Mat Dumbbell Tennis-Racket Basketball Soccer-Ball Jump-Rope Bike-Helmet Water-Bottle "
+               "Treadmill Kettlebell".split()),
     "Office": ("Stationery and office supplies", (2, 300),
-               "Notebook Desk-Chair Stapler Pen-Set Desk-Lamp Binder Whiteboard Planner Paper-Shredder Backpack".split()),
+               "Notebook Desk-Chair Stapler Pen-Set Desk-Lamp Binder Whiteboard Planner Paper-Shredder "
+               "Backpack".split()),
 }
-PRODUCT_ADJECTIVES = "Classic Deluxe Compact Premium Eco Ultra Smart Vintage Pro Everyday Lite Organic Heavy-Duty Travel".split()
+PRODUCT_ADJECTIVES = ("Classic Deluxe Compact Premium Eco Ultra Smart Vintage Pro Everyday Lite Organic "
+                      "Heavy-Duty Travel").split()
 
 JOB_TITLES = (("Store Manager", 72000, 95000), ("Assistant Manager", 52000, 68000),
               ("Sales Associate", 31000, 42000), ("Cashier", 28000, 36000),
               ("Stock Clerk", 29000, 37000), ("Visual Merchandiser", 38000, 52000))
 LOYALTY_TIERS = (("Bronze", 0.5), ("Silver", 0.3), ("Gold", 0.15), ("Platinum", 0.05))
-ORDER_STATUSES = (("delivered", 0.72), ("shipped", 0.1), ("processing", 0.06), ("cancelled", 0.07), ("returned", 0.05))
-PAYMENT_METHODS = (("credit card", 0.55), ("debit card", 0.2), ("cash", 0.12), ("gift card", 0.05), ("mobile wallet", 0.08))
+ORDER_STATUSES = (("delivered", 0.72), ("shipped", 0.1), ("processing", 0.06), ("cancelled", 0.07),
+                  ("returned", 0.05))
+PAYMENT_METHODS = (("credit card", 0.55), ("debit card", 0.2), ("cash", 0.12), ("gift card", 0.05),
+                   ("mobile wallet", 0.08))
 EMAIL_DOMAINS = ("gmail.com", "yahoo.com", "outlook.com", "icloud.com", "proton.me", "fastmail.com")
 
 FIRST_DAY = dt.date(2019, 1, 1)
@@ -218,7 +230,8 @@ def _generate_rows(n_customers: int, rng: random.Random) -> dict[str, list[tuple
             continue
         used_names.add(name)
         country, cities = rng.choice(SUPPLIER_COUNTRIES)
-        phone = f"+{rng.randint(1, 99)} {rng.randint(100, 999)} {rng.randint(100, 999)} {rng.randint(1000, 9999)}"
+        phone = (f"+{rng.randint(1, 99)} {rng.randint(100, 999)} {rng.randint(100, 999)} "
+                 f"{rng.randint(1000, 9999)}")
         suppliers.append((len(suppliers) + 1, name, f"{rng.choice(FIRST_NAMES)} {rng.choice(LAST_NAMES)}",
                           rng.choice(cities), country, phone))
     tables["suppliers"] = suppliers
@@ -244,7 +257,8 @@ def _generate_rows(n_customers: int, rng: random.Random) -> dict[str, list[tuple
     store_cities = rng.sample(US_CITIES, n_stores)
     tables["stores"] = [
         (i, f"{city} {rng.choice(('Downtown', 'Mall', 'Central', 'Plaza', 'Outlet'))}", city, state,
-         _date_between(rng, dt.date(2005, 1, 1), dt.date(2019, 6, 30)).isoformat(), rng.randrange(400, 3000, 10))
+         _date_between(rng, dt.date(2005, 1, 1), dt.date(2019, 6, 30)).isoformat(),
+         rng.randrange(400, 3000, 10))
         for i, (city, state) in enumerate(store_cities, 1)
     ]
 
@@ -291,8 +305,10 @@ def _generate_rows(n_customers: int, rng: random.Random) -> dict[str, list[tuple
                            _date_between(rng, signup, LAST_DAY).isoformat(), _weighted(rng, ORDER_STATUSES),
                            _weighted(rng, PAYMENT_METHODS), rng.choice((0.0, 0.0, 4.99, 7.99, 12.5))))
             for product in rng.sample(products, rng.randint(1, 5)):
-                order_items.append((len(order_items) + 1, order_id, product[0], rng.choice((1, 1, 1, 2, 2, 3, 4, 6)),
-                                    product[4], rng.choice((0.0, 0.0, 0.0, 0.05, 0.1, 0.15, 0.2))))
+                quantity = rng.choice((1, 1, 1, 2, 2, 3, 4, 6))
+                discount = rng.choice((0.0, 0.0, 0.0, 0.05, 0.1, 0.15, 0.2))
+                order_items.append((len(order_items) + 1, order_id, product[0], quantity, product[4],
+                                    discount))
     tables["orders"] = orders
     tables["order_items"] = order_items
     return tables

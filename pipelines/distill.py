@@ -148,24 +148,23 @@ def run_fingerprint(params: Params, dataset) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def median_latency_ms(model, tokenizer, inputs: list[str], serialization) -> float:
+def median_latency_ms(model, tokenizer, inputs: list[str], lengths: dict) -> float:
     """Median wall time of greedy generation for one input at a time (batch 1), after one warm-up call."""
-    generate(model, tokenizer, inputs[:1], max_new_tokens=serialization.max_target_length,
-             max_source_length=serialization.max_source_length)
+    generate(model, tokenizer, inputs[:1], **lengths)
     timings = []
     for text in inputs:
         started = time.perf_counter()
-        generate(model, tokenizer, [text], max_new_tokens=serialization.max_target_length,
-                 max_source_length=serialization.max_source_length, progress=False)
+        generate(model, tokenizer, [text], progress=False, **lengths)
         timings.append((time.perf_counter() - started) * 1000)
     return statistics.median(timings)
 
 
 def compare(student, teacher, tokenizer, serialization, params: Params) -> dict:
-    """Student vs teacher on the dev split: size, greedy execution accuracy, batch-1 latency."""
+    """Student vs teacher on the dev split: size, greedy execution accuracy, batch-1 latency
+    (generation length and SQL limits as in the evaluate section)."""
     dev = load_split(tokenizer, "dev")
     scoring = dict(timeout_s=params.evaluate.sql_timeout_s, max_rows=params.evaluate.max_rows)
-    lengths = dict(max_new_tokens=serialization.max_target_length, max_source_length=serialization.max_source_length)
+    lengths = dict(max_new_tokens=params.evaluate.max_new_tokens, max_source_length=serialization.max_source_length)
     result = {}
     for name, model, model_dir in (("teacher", teacher, TEACHER), ("student", student, STUDENT)):
         model.eval()
@@ -176,7 +175,7 @@ def compare(student, teacher, tokenizer, serialization, params: Params) -> dict:
             "weights_bytes": sum(p.stat().st_size for p in weights_files(model_dir)),
             **{f"dev_{k}": v for k, v in execution_accuracy(predictions, dev, **scoring).items()},
             "latency_ms_batch1_p50": round(median_latency_ms(model, tokenizer, dev.inputs[:LATENCY_EXAMPLES],
-                                                             serialization), 2),
+                                                             lengths), 2),
         }
     teacher_ex = result["teacher"]["dev_ex"]
     result["ratios"] = {

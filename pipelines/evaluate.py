@@ -16,7 +16,7 @@ params.yaml's ingest split settings and seed, so `test` is the same held-out spl
 would have), or `ingested` for an existing data/ingested folder. DIR gets eval.json, predictions.jsonl and
 ex_by_hardness.csv (no MLflow logging in this mode).
 
-Decodings: greedy; beam search (`num_beams`, top beam); execution-guided (the first of the beams that executes).
+Decodings: greedy; beam search (`num_beams`, top beam); execution-guided (the first beam that executes).
 Latency is per example at batch size 1 for beam search + execution-guided selection (what serving does);
 greedy runs batched. EX compares results as documented in pipelines/common/metrics.py; examples whose gold
 SQL fails to execute are excluded from every rate and counted in `n_gold_failed`.
@@ -43,8 +43,18 @@ from pipelines.common.errors import PipelineError
 from pipelines.common.io import read_json, write_json, write_jsonl, write_text
 from pipelines.common.params import EvaluateParams, Params, load_params
 from pipelines.common.paths import (
-    DATABASES_INDEX, INGESTED, INGESTED_EXAMPLES, INGESTED_SCHEMAS, METRICS, ONNX_FP32, ONNX_INT8, PLOTS,
-    PREDICTIONS, STUDENT, TEACHER, VALIDATED_EXAMPLES,
+    DATABASES_INDEX,
+    INGESTED,
+    INGESTED_EXAMPLES,
+    INGESTED_SCHEMAS,
+    METRICS,
+    ONNX_FP32,
+    ONNX_INT8,
+    PLOTS,
+    PREDICTIONS,
+    STUDENT,
+    TEACHER,
+    VALIDATED_EXAMPLES,
 )
 
 log = logging.getLogger(__name__)
@@ -100,9 +110,10 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[max(0, math.ceil(q / 100 * len(ordered)) - 1)]
 
 
-def evaluate_model(model, tokenizer, config, eval_set: EvalSet, options: EvaluateParams) -> tuple[dict, list[dict]]:
+def evaluate_model(model, tokenizer, config, eval_set: EvalSet,
+                   options: EvaluateParams) -> tuple[dict, list[dict]]:
     """Score the three decodings on `eval_set`: (flat metrics, one prediction record per example)."""
-    from pipelines.common.generate import generate, first_executable
+    from pipelines.common.generate import first_executable, generate
     from pipelines.common.serialize import serialize
 
     def count_tokens(text: str) -> int:
@@ -115,14 +126,15 @@ def evaluate_model(model, tokenizer, config, eval_set: EvalSet, options: Evaluat
                   max_tokens=config.max_source_length, count_tokens=count_tokens)
         for row in examples.itertuples()
     ]
-    run = dict(timeout_s=options.sql_timeout_s, max_rows=options.max_rows)
+    run = {"timeout_s": options.sql_timeout_s, "max_rows": options.max_rows}
 
     log.info("running %d gold queries", len(examples))
     gold_runs = [m.run_query(eval_set.targets[row.db_id], row.sql, **run) for row in examples.itertuples()]
 
     log.info("greedy decoding (batch %d)", GREEDY_BATCH_SIZE)
-    greedy = [c[0] for c in generate(model, tokenizer, inputs, num_beams=1, max_new_tokens=options.max_new_tokens,
-                                     batch_size=GREEDY_BATCH_SIZE, max_source_length=config.max_source_length)]
+    greedy = [c[0] for c in generate(model, tokenizer, inputs, num_beams=1,
+                                     max_new_tokens=options.max_new_tokens, batch_size=GREEDY_BATCH_SIZE,
+                                     max_source_length=config.max_source_length)]
 
     log.info("beam search (%d beams) + execution-guided selection, batch 1, timed", options.num_beams)
     beams, guided, latencies = [], [], []
@@ -138,7 +150,8 @@ def evaluate_model(model, tokenizer, config, eval_set: EvalSet, options: Evaluat
         guided.append(candidates[chosen if chosen is not None else 0])
 
     records = []
-    for i, row in enumerate(tqdm(list(examples.itertuples()), desc="scoring", unit="ex", disable=len(examples) < 50)):
+    rows = list(examples.itertuples())
+    for i, row in enumerate(tqdm(rows, desc="scoring", unit="ex", disable=len(rows) < 50)):
         gold = gold_runs[i]
         target = eval_set.targets[row.db_id]
         schema_columns = {t.name: [c.name for c in t.columns] for t in eval_set.schemas[row.db_id].tables}
@@ -150,8 +163,11 @@ def evaluate_model(model, tokenizer, config, eval_set: EvalSet, options: Evaluat
         record = {"example_id": row.example_id, "db_id": row.db_id, "question": row.question, "gold": row.sql,
                   "hardness": level, "gold_error": gold.error, "latency_ms": round(latencies[i], 3),
                   "beams": beams[i]}
+        executed: dict[str, m.Execution] = {}  # decodings often agree: run each distinct query once
         for decoding, sql in zip(DECODINGS, (greedy[i], beams[i][0], guided[i])):
-            predicted = m.run_query(target, sql, **run) if gold.ok else None
+            if gold.ok and sql not in executed:
+                executed[sql] = m.run_query(target, sql, **run)
+            predicted = executed.get(sql)
             verdict = m.execution_verdict(predicted, gold, ordered=ordered) if gold.ok else m.GOLD_ERROR
             record[decoding] = {
                 "sql": sql,
@@ -242,26 +258,21 @@ def log_to_mlflow(params: Params, summary: dict, model_dir: Path) -> str:
     """Metrics, chart and predictions on the training run of metrics/train.json if the tracking store knows
     it, else on a new run; returns the run id."""
     import mlflow
-    from mlflow.exceptions import MlflowException
 
-    from pipelines.common.tracking import configure
+    from pipelines.common.tracking import configure, start_run
 
     configure(params.tracking)
     run_id = None
     if TRAIN_METRICS.is_file():
         train = read_json(TRAIN_METRICS)
-        run_id = train.get("mlflow_run_id") or train.get("run_id") if isinstance(train, dict) else None
-    numeric = {k: float(v) for k, v in summary.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-    try:
-        active = mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run(run_name="evaluate")
-    except MlflowException as exc:
-        log.warning("run %s from %s not found in the tracking store (%s); logging to a new run",
-                    run_id, TRAIN_METRICS, str(exc).splitlines()[0])
-        active = mlflow.start_run(run_name="evaluate")
-    with active as run, tempfile.TemporaryDirectory() as tmp:
+        run_id = train.get("mlflow_run_id") if isinstance(train, dict) else None
+    numeric = {k: float(v) for k, v in summary.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    with start_run("evaluate", resume_run_id=run_id) as run, tempfile.TemporaryDirectory() as tmp:
         mlflow.log_metrics(numeric)
-        mlflow.log_params({"eval_model": params.evaluate.model, "eval_split": params.evaluate.split,
-                           "eval_num_beams": params.evaluate.num_beams})
+        # Tags, not params: params are immutable, and one training run is evaluated again after each export.
+        mlflow.set_tags({"eval_model": params.evaluate.model, "eval_split": params.evaluate.split,
+                         "eval_num_beams": params.evaluate.num_beams})
         chart = hardness_chart(summary, Path(tmp) / "ex_by_hardness.png",
                                f"{model_dir} on {params.evaluate.split} (n={summary['n']})")
         mlflow.log_artifact(str(chart), artifact_path="evaluation")
@@ -271,16 +282,19 @@ def log_to_mlflow(params: Params, summary: dict, model_dir: Path) -> str:
 
 
 def _headline(summary: dict) -> str:
-    return ("n=%(n)s (gold failed %(n_gold_failed)s) EX greedy=%(ex_greedy)s beam=%(ex_beam)s "
-            "execution-guided=%(ex_execution_guided)s exact-match=%(exact_match)s valid-SQL=%(valid_sql)s "
-            "latency p50=%(latency_ms_p50)s ms p95=%(latency_ms_p95)s ms" % summary)
+    s = summary
+    return (f"n={s['n']} (gold failed {s['n_gold_failed']}) EX greedy={s['ex_greedy']} beam={s['ex_beam']} "
+            f"execution-guided={s['ex_execution_guided']} exact-match={s['exact_match']} "
+            f"valid-SQL={s['valid_sql']} latency p50={s.get('latency_ms_p50')} ms "
+            f"p95={s.get('latency_ms_p95')} ms")
 
 
 def main(params: Params) -> dict:
     from pipelines.common.model_io import check_model_dir, load_for_generation
 
     model_dir = check_model_dir(MODEL_DIRS[params.evaluate.model])
-    eval_set = load_eval_set(VALIDATED_EXAMPLES, INGESTED, params.evaluate.split, params.evaluate.max_examples)
+    eval_set = load_eval_set(VALIDATED_EXAMPLES, INGESTED, params.evaluate.split,
+                             params.evaluate.max_examples)
     model, tokenizer, config = load_for_generation(model_dir)
     log.info("evaluating %s on %d %s examples", model_dir, len(eval_set.examples), params.evaluate.split)
     summary, records = evaluate_model(model, tokenizer, config, eval_set, params.evaluate)
@@ -296,9 +310,11 @@ def main(params: Params) -> dict:
 def parse_dataset(spec: str) -> tuple[str, Path]:
     source, sep, path = spec.partition(":")
     if not sep or not path:
-        raise PipelineError(f"--dataset {spec!r}: expected SOURCE:PATH, e.g. spiderman:../shared/datasets/spiderman")
+        raise PipelineError(f"--dataset {spec!r}: expected SOURCE:PATH, "
+                            "e.g. spiderman:../shared/datasets/spiderman")
     if source not in CLI_SOURCES:
-        raise PipelineError(f"--dataset {spec!r}: unknown source {source!r} (supported: {', '.join(CLI_SOURCES)})")
+        raise PipelineError(f"--dataset {spec!r}: unknown source {source!r} "
+                            f"(supported: {', '.join(CLI_SOURCES)})")
     folder = Path(path).expanduser().resolve()
     if not folder.is_dir():
         raise PipelineError(f"--dataset {spec!r}: dataset folder {folder} not found")
@@ -321,8 +337,10 @@ def evaluate_cli(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(prog="python -m pipelines.evaluate",
                                      description="Evaluate a saved model on a dataset without retraining.")
     parser.add_argument("--model", required=True, help="model directory (ONNX export or save_pretrained)")
-    parser.add_argument("--dataset", required=True, help="SOURCE:PATH, SOURCE one of " + ", ".join(CLI_SOURCES))
-    parser.add_argument("--out", required=True, help="directory for eval.json, predictions.jsonl, ex_by_hardness.csv")
+    parser.add_argument("--dataset", required=True,
+                        help="SOURCE:PATH, SOURCE one of " + ", ".join(CLI_SOURCES))
+    parser.add_argument("--out", required=True,
+                        help="directory for eval.json, predictions.jsonl, ex_by_hardness.csv")
     parser.add_argument("--split", choices=SPLIT_CHOICES, help="split to score (default: evaluate.split)")
     parser.add_argument("--max-examples", type=int, help="score at most this many examples of the split")
     parser.add_argument("--params", default="params.yaml",
@@ -332,7 +350,9 @@ def evaluate_cli(argv: list[str]) -> dict:
     from pipelines.common.model_io import check_model_dir, load_for_generation
 
     params = load_params(args.params) if Path(args.params).is_file() else Params()
-    options = params.evaluate.model_copy(update={"max_examples": args.max_examples} if args.max_examples else {})
+    options = params.evaluate
+    if args.max_examples:
+        options = options.model_copy(update={"max_examples": args.max_examples})
     split = args.split or options.split
     model_dir = check_model_dir(Path(args.model).expanduser().resolve())
     source, folder = parse_dataset(args.dataset)

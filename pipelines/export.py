@@ -40,8 +40,9 @@ TASK = "text2text-generation-with-past"
 DECODER_NO_PAST_FILE = "decoder_model.onnx"
 DECODER_WITH_PAST_FILE = "decoder_with_past_model.onnx"
 UNMERGED_FILES = (ENCODER_FILE, DECODER_NO_PAST_FILE, DECODER_WITH_PAST_FILE)
-# Mismatches quoted in the parity error (the rest are counted).
+# Mismatches quoted in the parity error (the rest are counted), each SQL cut to this many characters.
 MAX_QUOTED_MISMATCHES = 3
+MAX_QUOTED_CHARS = 120
 
 
 def source_dir(params: Params) -> Path:
@@ -73,13 +74,15 @@ def quiet_converters() -> Iterator[None]:
 
 
 def export_onnx(model_dir: Path, output: Path) -> None:
-    """optimum-onnx export of encoder + decoder + decoder-with-past (unmerged) + config + tokenizer."""
+    """optimum-onnx export of encoder + decoder + decoder-with-past + config + tokenizer. optimum's
+    post-processing stores the tied embedding / LM-head weights once per graph (a vocab x d_model matrix
+    less in each decoder); the merged decoder it also writes is rebuilt by `assemble` for both variants."""
     from optimum.exporters.onnx import main_export
 
     log.info("exporting %s to ONNX (%s)", model_dir, TASK)
     with quiet_converters():
         main_export(str(model_dir), output=output, task=TASK, device="cpu", do_validation=False,
-                    no_post_process=True, local_files_only=True)
+                    local_files_only=True)
     missing = [name for name in UNMERGED_FILES if not (output / name).is_file()]
     if missing:
         raise RuntimeError(f"optimum export of {model_dir} did not write {', '.join(missing)}")
@@ -129,7 +132,10 @@ def greedy(model, tokenizer, inputs: list[str], max_new_tokens: int, max_source_
 
 
 def parity_mismatches(split: LabelledSplit, reference: list[str], candidate: list[str]) -> list[str]:
-    return [f"{example_id}: pytorch {ref!r} vs onnx {got!r}"
+    def cut(sql: str) -> str:
+        return repr(sql if len(sql) <= MAX_QUOTED_CHARS else sql[:MAX_QUOTED_CHARS] + "...")
+
+    return [f"{example_id}: pytorch {cut(ref)} vs onnx {cut(got)}"
             for example_id, ref, got in zip(split.example_ids, reference, candidate) if ref != got]
 
 
@@ -148,7 +154,8 @@ def main(params: Params) -> dict:
     model, tokenizer, serialization = load_for_generation(model_dir, device="cpu")
     dev = load_split(tokenizer, "dev")
     parity_set, rest = dev.head(cfg.parity_examples), dev.tail(cfg.parity_examples)
-    lengths = dict(max_new_tokens=serialization.max_target_length, max_source_length=serialization.max_source_length)
+    # Generation length and SQL limits as evaluation uses them, so "EX" means the same number there.
+    lengths = dict(max_new_tokens=params.evaluate.max_new_tokens, max_source_length=serialization.max_source_length)
     scoring = dict(timeout_s=params.evaluate.sql_timeout_s, max_rows=params.evaluate.max_rows)
 
     log.info("PyTorch greedy on %d dev examples (parity reference)", len(parity_set))
@@ -159,7 +166,7 @@ def main(params: Params) -> dict:
     del model
 
     with atomic_dir(ONNX) as staging:
-        raw = staging / ".unmerged-fp32"
+        raw = staging / ".optimum-export"
         export_onnx(model_dir, raw)
         (raw / SERIALIZATION_FILE).write_bytes((model_dir / SERIALIZATION_FILE).read_bytes())
         assemble(raw, raw, staging / "fp32")
@@ -181,7 +188,7 @@ def main(params: Params) -> dict:
         log.info("ONNX fp32 dev EX %.4f (%d scored)", metrics["fp32"]["ex"], metrics["fp32"]["n_scored"])
 
         if cfg.quantize:
-            quantized = staging / ".unmerged-int8"
+            quantized = staging / ".quantized-unmerged"
             quantize_graphs(raw, quantized)
             assemble(quantized, raw, staging / "int8")
             shutil.rmtree(quantized)

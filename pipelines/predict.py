@@ -29,7 +29,8 @@ def _parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="model directory (ONNX export or save_pretrained)")
     parser.add_argument("--database", required=True, help="SQLite file or SQLAlchemy URL")
     parser.add_argument("--db-id", help="database name given to the schema snapshot (default: file stem)")
-    parser.add_argument("--execute", action="store_true", help="also run the SQL read-only and print the rows")
+    parser.add_argument("--execute", action="store_true",
+                        help="also run the SQL read-only and print the rows")
     parser.add_argument("--num-beams", type=int, default=defaults.num_beams)
     parser.add_argument("--max-rows", type=int, default=defaults.max_rows)
     parser.add_argument("--timeout-s", type=float, default=defaults.sql_timeout_s)
@@ -66,7 +67,8 @@ def predict(question: str, model_dir: str | Path, database: str, *, db_id: str |
     target = _check_database(database)
     check_reachable(target)
     if db_id is None:
-        db_id = (target.rsplit("/", 1)[-1].split("?")[0] if is_url(target) else Path(target).stem) or "database"
+        name = target.rsplit("/", 1)[-1].split("?")[0] if is_url(target) else Path(target).stem
+        db_id = name or "database"
     model, tokenizer, config = load_for_generation(model_dir, device=device)
     schema = introspect(target, db_id, sample_values=config.serialization.sample_values)
 

@@ -167,6 +167,7 @@ def main(params: Params) -> dict:
         # One artifact tree = one registered version: every ONNX variant (each with its tokenizer and
         # serialization config), the evaluation metrics, and the manifest telling the service what to load.
         mlflow.log_dict({"model_dir": f"onnx/{variant}", "metric": metric}, f"model/{SERVING_MANIFEST}")
+        log.info("uploading %s to %s", paths.ONNX, run.info.artifact_uri)
         mlflow.log_artifacts(str(paths.ONNX), artifact_path="model/onnx")
         mlflow.log_artifact(str(EVAL_METRICS), artifact_path="model/metrics")
         source = f"{run.info.artifact_uri.rstrip('/')}/model"

@@ -168,22 +168,24 @@ def main(params: Params) -> None:
     )
 
     def count_tokens(text: str) -> int:
-        return len(tokenizer(text).input_ids)
+        # verbose=False: over-long texts are expected here; they are what the truncation policy shortens.
+        return len(tokenizer(text, verbose=False).input_ids)
 
-    inputs, n_shortened = [], 0
+    inputs, n_shortened, n_cut_sources = [], 0, 0
     for text, question, db in tqdm(
         zip(untruncated, examples["question"], examples["db_id"]), total=len(examples), desc="fit", mininterval=5
     ):
         if count_tokens(text) > max_source:
             text = serialize(question, schemas[db], cfg, max_tokens=max_source, count_tokens=count_tokens)
             n_shortened += 1
+            # Still too long (a long question over a big schema): the tokenizer cuts the tail below.
+            n_cut_sources += count_tokens(text) > max_source
         inputs.append(text)
 
     source = tokenizer(inputs, max_length=max_source, truncation=True)
     target = tokenizer(text_target=targets, max_length=max_target, truncation=True)
-    target_lengths = [len(ids) for ids in tokenizer(text_target=targets).input_ids]
+    target_lengths = [len(ids) for ids in tokenizer(text_target=targets, verbose=False).input_ids]
     n_cut_targets = sum(n > max_target for n in target_lengths)
-    n_cut_sources = sum(len(ids) >= max_source for ids in source.input_ids)
     if n_cut_targets:
         log.warning("%d SQL targets are longer than tokenize.max_target_length=%d and were cut", n_cut_targets, max_target)
 
@@ -195,6 +197,8 @@ def main(params: Params) -> None:
         "inputs_cut_at_max_source_length": n_cut_sources,
         "targets_cut_at_max_target_length": n_cut_targets,
         "max_target_tokens": max(target_lengths),
+        "mean_source_tokens": round(sum(map(len, source.input_ids)) / len(inputs), 1),
+        "mean_target_tokens": round(sum(target_lengths) / len(targets), 1),
     }
     config = SerializationConfig(
         serialization=cfg, max_source_length=max_source, max_target_length=max_target, model_base=params.model.base

@@ -228,6 +228,7 @@ def prepare_checkpoints(fingerprint: str, checkpoint_dir: Path = CHECKPOINT_DIR)
 def main(params: Params) -> None:
     choice = choose_device(params.train.device, params.train.bf16)
     tokenizer, dataset, serialization = load_inputs(params)
+    tracking_uri = tracking.configure(params.tracking)
     set_seed(params.seed)
     model = build_model(params, tokenizer)
     model.generation_config.max_length = serialization.max_target_length
@@ -286,10 +287,9 @@ def main(params: Params) -> None:
         callbacks=callbacks,
     )
 
-    tracking_uri = tracking.configure(params.tracking)
     with tracking.start_run("train-teacher", resume_run_id=resume_run_id) as run:
         write_json(CHECKPOINT_DIR / RUN_STATE, {"fingerprint": fingerprint, "mlflow_run_id": run.info.run_id})
-        if resume_from is None:
+        if run.info.run_id != resume_run_id:  # a new run (a resumed one has its params already)
             mlflow.log_params(tracking.flatten({
                 "seed": params.seed, "model": params.model.model_dump(), "tokenize": params.tokenize.model_dump(),
                 "train": cfg.model_dump(), "n_parameters": n_parameters, "device": choice.name, "bf16": choice.bf16,
@@ -298,14 +298,19 @@ def main(params: Params) -> None:
         resumed_from_step = trainer_state_step(resume_from)
         result = trainer.train(resume_from_checkpoint=resume_from)
         state = trainer.state
-        dev_metrics = trainer.evaluate() if has_dev else {}
+        # Throughput of training alone: the periodic evaluations inside train() are subtracted.
+        train_seconds = max(result.metrics["train_runtime"] - metrics_callback.eval_seconds, 1e-9)
+        # With load_best_model_at_end the saved model is the best evaluated one: its dev loss is best_metric.
+        # Only a run too short to reach its first evaluation needs one more pass over dev.
+        dev_loss = state.best_metric
+        if has_dev and dev_loss is None:
+            dev_loss = trainer.evaluate()["eval_loss"]
 
         with atomic_dir(TEACHER) as tmp:
             trainer.save_model(str(tmp))
             tokenizer.save_pretrained(str(tmp))
             save_config(tmp, serialization)
 
-        train_seconds = max(result.metrics["train_runtime"] - metrics_callback.eval_seconds, 1e-9)
         seen = examples_in_steps(resumed_from_step, state.global_step, dataset["train"].num_rows,
                                  cfg.batch_size * max(1, arguments.n_gpu))
         train_losses = [r["loss"] for r in state.log_history if "loss" in r]
@@ -329,7 +334,7 @@ def main(params: Params) -> None:
             "resumed_from_step": resumed_from_step,
             "stopped_by": stopped_by,
             "final_train_loss": train_losses[-1] if train_losses else None,
-            "final_dev_loss": dev_metrics.get("eval_loss"),
+            "final_dev_loss": dev_loss,
             "best_dev_loss": state.best_metric,
             "examples_per_s": round(seen / train_seconds, 2),
             "train_time_s": round(train_seconds, 2),

@@ -13,8 +13,10 @@ PipelineError and leaves no data/validated behind; with `quarantine` failing row
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +39,7 @@ from pipelines.common.paths import (
     VALIDATED_EXAMPLES,
     VALIDATION_REPORT,
 )
-from pipelines.common.sql import SQLError, execute_readonly, parse_sql
+from pipelines.common.sql import SQLError, SQLTimeoutError, execute_readonly, parse_sql
 
 log = logging.getLogger(__name__)
 # GX logs dozens of INFO lines on import and on every context; only its warnings are worth reading.
@@ -51,6 +53,9 @@ SITE_NAME = "validation"
 # Rows fetched when executing a gold query: as many as evaluation compares, so a query that only
 # fails or runs out of time after its first rows is caught here and not at evaluation.
 GOLD_FETCH_ROWS = 10_000
+# Gold queries run concurrently: enough to overlap SQLite work on a few cores, few enough that a
+# shared machine does not push every query towards its time limit.
+EXECUTION_THREADS = min(4, os.cpu_count() or 1)
 # Failing rows listed per check: in the error message / in summary.md (all of them are in the metrics
 # counts, the Data Docs and, in quarantine mode, quarantine.parquet).
 MESSAGE_ROWS_PER_CHECK = 5
@@ -89,9 +94,11 @@ def main(params: Params) -> dict:
              len(examples), examples["db_id"].nunique(), split_mode, cfg.on_failure)
 
     checked, details = _compute_row_checks(examples, targets, cfg.sql_timeout_s, split_mode)
-    expectations = _build_expectations(cfg.question_min_chars, cfg.question_max_chars, sorted(index), split_mode)
+    expectations = _build_expectations(cfg.question_min_chars, cfg.question_max_chars, sorted(index),
+                                       split_mode)
     with atomic_dir(VALIDATION_REPORT) as report_dir:
-        outcomes = _run_suite(checked, expectations, report_dir, run_name=f"{manifest.get('source')}-{split_mode}")
+        outcomes = _run_suite(checked, expectations, report_dir,
+                              run_name=f"{manifest.get('source')}-{split_mode}")
         failed = _failed_checks_per_row(outcomes)
         metrics = _metrics(len(examples), failed, outcomes, cfg.on_failure, split_mode)
         (report_dir / SUMMARY_FILE).write_text(_summary_markdown(examples, details, outcomes, metrics))
@@ -105,7 +112,8 @@ def main(params: Params) -> dict:
         shutil.rmtree(VALIDATED, ignore_errors=True)
         raise PipelineError(_failure_message(examples, details, outcomes, metrics))
     if metrics["passed"] == 0:
-        raise PipelineError(f"{INGESTED_EXAMPLES}: no example passed validation; see {VALIDATION_REPORT / SUMMARY_FILE}")
+        raise PipelineError(f"{INGESTED_EXAMPLES}: no example passed validation; "
+                            f"see {VALIDATION_REPORT / SUMMARY_FILE}")
     _write_validated(examples, failed, details)
     for outcome in outcomes:
         if outcome.failing_rows:
@@ -136,7 +144,8 @@ def _read_examples(path: Path) -> pd.DataFrame:
 def _split_mode(manifest: Any) -> str:
     mode = manifest.get("split_mode") if isinstance(manifest, dict) else None
     if mode not in ("by_question", "by_database"):
-        raise PipelineError(f"{INGEST_MANIFEST}: key split_mode must be by_question or by_database, got {mode!r}")
+        raise PipelineError(f"{INGEST_MANIFEST}: key split_mode must be by_question or by_database, "
+                            f"got {mode!r}")
     return mode
 
 
@@ -170,7 +179,8 @@ def _compute_row_checks(examples: pd.DataFrame, targets: dict[str, str], timeout
     checked["sql_executes"], details["sql_executes"] = _executes(examples, parses, targets, timeout_s)
     if split_mode == "by_database":
         checked["no_split_leakage"], details["no_split_leakage"] = _split_leak_free(examples)
-    details["question_length"] = [None if pd.isna(n) else f"{n} characters" for n in checked["question_chars"]]
+    details["question_length"] = [None if pd.isna(n) else f"{n} characters"
+                                  for n in checked["question_chars"]]
     return checked, details
 
 
@@ -220,23 +230,44 @@ def _parses(sql: pd.Series) -> tuple[list, list]:
 def _executes(examples: pd.DataFrame, parses: list, targets: dict[str, str],
               timeout_s: float) -> tuple[list, list]:
     """Run each parsing gold query on its database (read-only, time-limited); rows whose SQL does not
-    parse or whose database is unknown are left null, since other checks already name them."""
+    parse or whose database is unknown are left null, since other checks already name them.
+
+    Queries run on a few threads (SQLite releases the GIL while it works). The time limit is wall
+    clock, so a query can run out of time just because the machine is busy: the ones that time out
+    get one more try each, alone, before they count as failing."""
     flags: list = [None] * len(examples)
     notes: list = [None] * len(examples)
     runnable = [i for i in range(len(examples)) if parses[i] is True and examples["db_id"].iat[i] in targets]
-    slowest = (0.0, None)
-    for i in tqdm(runnable, desc="execute gold SQL", unit="query", mininterval=5):
+    seconds: dict[int, float] = {}
+    timed_out: set[int] = set()
+
+    def run(i: int) -> None:
         start = time.monotonic()
+        timed_out.discard(i)
         try:
             execute_readonly(targets[examples["db_id"].iat[i]], str(examples["sql"].iat[i]),
                              timeout_s=timeout_s, max_rows=GOLD_FETCH_ROWS)
+        except SQLTimeoutError as exc:
+            flags[i], notes[i] = False, str(exc)
+            timed_out.add(i)
         except SQLError as exc:
             flags[i], notes[i] = False, str(exc)
         else:
-            flags[i] = True
-        slowest = max(slowest, (time.monotonic() - start, examples["example_id"].iat[i]))
+            flags[i], notes[i] = True, None
+        seconds[i] = time.monotonic() - start
+
+    with ThreadPoolExecutor(max_workers=EXECUTION_THREADS) as pool:
+        for _ in tqdm(pool.map(run, runnable), total=len(runnable), desc="execute gold SQL", unit="query",
+                      mininterval=5):
+            pass
+    if timed_out:
+        log.info("%d gold queries ran out of time; retrying them one at a time", len(timed_out))
+        for i in sorted(timed_out):
+            run(i)
     if runnable:
-        log.info("slowest gold query: %.2f s (example_id=%s)", *slowest)
+        slowest = max(runnable, key=seconds.__getitem__)
+        log.info("slowest gold query: %.2f s (example_id=%s)", seconds[slowest],
+                 examples["example_id"].iat[slowest])
     return flags, notes
 
 
@@ -249,7 +280,8 @@ def _split_leak_free(examples: pd.DataFrame) -> tuple[list, list]:
     for db_id, per_split in counts.groupby(level=0):
         per_split = per_split.droplevel(0)
         if len(per_split) > 1:
-            order = sorted(per_split.index, key=lambda s: (-per_split[s], SPLITS.index(s) if s in SPLITS else 99, s))
+            order = sorted(per_split.index,
+                           key=lambda s: (-per_split[s], SPLITS.index(s) if s in SPLITS else len(SPLITS), s))
             home[db_id] = order[0]
             spread[db_id] = ", ".join(f"{s} ({per_split[s]} rows)" for s in order)
     flags, notes = [], []
@@ -317,7 +349,8 @@ def _gx_context(site_dir: Path):
     site = {
         "class_name": "SiteBuilder",
         "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
-        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(site_dir.resolve())},
+        "store_backend": {"class_name": "TupleFilesystemStoreBackend",
+                          "base_directory": str(site_dir.resolve())},
     }
     config = DataContextConfig(
         store_backend_defaults=InMemoryStoreBackendDefaults(),
@@ -329,7 +362,8 @@ def _gx_context(site_dir: Path):
     return gx.get_context(mode="ephemeral", project_config=config)
 
 
-def _run_suite(checked: pd.DataFrame, expectations: list, site_dir: Path, run_name: str) -> list[CheckOutcome]:
+def _run_suite(checked: pd.DataFrame, expectations: list, site_dir: Path,
+               run_name: str) -> list[CheckOutcome]:
     """Validate `checked` with a checkpoint that renders Data Docs into `site_dir`; the failing rows
     of each check come from GX's own results (COMPLETE format lists every unexpected index)."""
     import great_expectations as gx
@@ -355,13 +389,25 @@ def _run_suite(checked: pd.DataFrame, expectations: list, site_dir: Path, run_na
     (suite_result,) = result.run_results.values()
     for expectation_result in suite_result.results:
         name = expectation_result.expectation_config.meta["check"]
-        if expectation_result.exception_info.get("raised_exception"):
+        unexpected = (expectation_result.result or {}).get("unexpected_index_list")
+        if unexpected is None:
+            # GX reports an expectation it could not evaluate as a failure without rows; never let
+            # that pass as "no failing rows".
+            reason = _exception_message(expectation_result.exception_info)
             raise PipelineError(f"{INGESTED_EXAMPLES}: check {name} could not be evaluated on column "
-                                f"{by_name[name].column}: "
-                                f"{expectation_result.exception_info.get('exception_message')}")
-        rows = sorted(int(i) for i in expectation_result.result.get("unexpected_index_list") or [])
-        outcomes.append(CheckOutcome(name, by_name[name], rows))
+                                f"{by_name[name].column}: {reason}")
+        outcomes.append(CheckOutcome(name, by_name[name], sorted(int(i) for i in unexpected)))
     return sorted(outcomes, key=lambda o: order.index(o.name))
+
+
+def _exception_message(exception_info: Any) -> str:
+    """GX's exception info is one {raised_exception, exception_message, ...} record, or one per metric."""
+    records = [exception_info]
+    if isinstance(exception_info, dict) and "exception_message" not in exception_info:
+        records = list(exception_info.values())
+    messages = {str(r.get("exception_message") if isinstance(r, dict) else getattr(r, "exception_message", r))
+                for r in records}
+    return "; ".join(sorted(messages)) or "no reason given"
 
 
 def _failed_checks_per_row(outcomes: list[CheckOutcome]) -> dict[int, list[str]]:
@@ -422,7 +468,8 @@ def _failure_message(examples: pd.DataFrame, details: pd.DataFrame, outcomes: li
             lines.append(f"    row {row}: {_row_line(examples, details, row, outcome.name)}")
         if len(outcome.failing_rows) > MESSAGE_ROWS_PER_CHECK:
             lines.append(f"    ... and {len(outcome.failing_rows) - MESSAGE_ROWS_PER_CHECK} more")
-    lines.append("Fix the data, or set validate.on_failure: quarantine in params.yaml to set these rows aside.")
+    lines.append("Fix the data, or set validate.on_failure: quarantine in params.yaml "
+                 "to set these rows aside.")
     return "\n".join(lines)
 
 
@@ -456,8 +503,9 @@ def _summary_markdown(examples: pd.DataFrame, details: pd.DataFrame, outcomes: l
         lines += ["", f"## {name}: failing rows: {len(outcome.failing_rows)}", "",
                   "| Row | example_id | db_id | question | detail |", "|---:|---|---|---|---|"]
         for row in outcome.failing_rows[:SUMMARY_ROWS_PER_CHECK]:
-            lines.append(f"| {row} | {_md(examples['example_id'].iat[row])} | {_md(examples['db_id'].iat[row])} | "
-                         f"{_md(_snippet(examples['question'].iat[row], 100))} | {_md(_detail(details, row, name))} |")
+            cells = [row, examples["example_id"].iat[row], examples["db_id"].iat[row],
+                     _snippet(examples["question"].iat[row], 100), _detail(details, row, name)]
+            lines.append("| " + " | ".join(_md(cell) for cell in cells) + " |")
         if len(outcome.failing_rows) > SUMMARY_ROWS_PER_CHECK:
             lines.append(f"\n... and {len(outcome.failing_rows) - SUMMARY_ROWS_PER_CHECK} more "
                          "(all are in the Data Docs and, in quarantine mode, in quarantine.parquet)")

@@ -43,7 +43,8 @@ def wait_for_asset_triggered_run(client, timeout_s: float, alive_check) -> str:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         alive_check()
-        runs = client.call("GET", f"/dags/{RETRAIN}/dagRuns", params={"run_type": "asset_triggered"})["dag_runs"]
+        query = {"run_type": "asset_triggered"}
+        runs = client.call("GET", f"/dags/{RETRAIN}/dagRuns", params=query)["dag_runs"]
         if runs:
             return runs[0]["dag_run_id"]
         time.sleep(3)
@@ -51,7 +52,9 @@ def wait_for_asset_triggered_run(client, timeout_s: float, alive_check) -> str:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--workspace", type=Path, help="existing DVC project (default: a tiny demo one)")
     parser.add_argument("--via", choices=["rest", "data"], default="rest",
                         help="rest: trigger the retrain directly; data: through a data drop and the watcher")
@@ -104,10 +107,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             client.wait_for_dag(WATCH, timeout_s=120, alive_check=airflow.check_alive)
             drop_folder.mkdir(parents=True, exist_ok=True)
-            (drop_folder / "drop-0001.jsonl").write_text(json.dumps({"question": "how many?", "sql": "SELECT 1"}))
+            drop = {"question": "how many?", "sql": "SELECT 1"}
+            (drop_folder / "drop-0001.jsonl").write_text(json.dumps(drop) + "\n")
             client.unpause(WATCH)
             watch_run = client.trigger(WATCH)
-            watch_state = client.wait_for_run(WATCH, watch_run, timeout_s=300, alive_check=airflow.check_alive)
+            watch_state = client.wait_for_run(
+                WATCH, watch_run, timeout_s=300, alive_check=airflow.check_alive
+            )
             if watch_state != "success":
                 raise RuntimeError(f"{WATCH} run {watch_run} ended {watch_state}")
             run_id = wait_for_asset_triggered_run(client, timeout_s=180, alive_check=airflow.check_alive)
@@ -115,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         state = client.wait_for_run(RETRAIN, run_id, timeout_s=args.timeout, alive_check=airflow.check_alive)
         mark("pipeline_run")
         for ti in client.task_instances(RETRAIN, run_id):
-            print(f"[e2e]   {ti['task_id']:<15} {ti['state']:<8} {ti['duration'] or 0:7.1f} s  try {ti['try_number']}")
+            duration = ti["duration"] or 0
+            print(f"[e2e]   {ti['task_id']:<15} {ti['state']:<8} {duration:7.1f} s  try {ti['try_number']}")
     finally:
         airflow.stop()
         mark("shutdown")

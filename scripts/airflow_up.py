@@ -19,7 +19,9 @@ from airflow_local import DEFAULT_HOME, POSTGRES_URL, REPO, LocalAirflow
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--home", type=Path, default=DEFAULT_HOME, help="AIRFLOW_HOME (default .airflow/)")
     parser.add_argument("--postgres", nargs="?", const=POSTGRES_URL, default=None, metavar="URL",
                         help=f"use PostgreSQL for the metadata DB (default URL {POSTGRES_URL})")

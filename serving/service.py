@@ -223,6 +223,11 @@ def _json_value(value: Any) -> Any:
     name="nl2sql",
     workers=1,
     traffic={"timeout": 120, "max_concurrency": 256},
+    # /sql and /query reach the batching queue through the service's own in-process client. BentoML
+    # recycles that client's session every 100 requests / 300 s by closing it, which cuts the requests
+    # still in flight on it ("Server disconnected" -> 500s under load). Recycling buys nothing for an
+    # in-process connection, so it is effectively switched off.
+    runner_connection={"max_requests": 2**31 - 1, "max_age": 1e9},
 )
 class NL2SQL:
     def __init__(self) -> None:

@@ -47,7 +47,8 @@ def generate(
     Decoding is deterministic (no sampling). `max_source_length` truncates inputs the way training did;
     `progress=None` shows a bar only for long lists."""
     if num_return_sequences > num_beams:
-        raise ValueError(f"num_return_sequences={num_return_sequences} needs num_beams >= it, got {num_beams}")
+        raise ValueError(f"num_return_sequences={num_return_sequences} needs at least as many beams, "
+                         f"got num_beams={num_beams}")
     if not inputs:
         return []
     order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
@@ -55,15 +56,15 @@ def generate(
     show = progress if progress is not None else len(batches) >= _PROGRESS_MIN_BATCHES
     device = _model_device(model)
     outputs: list[list[str] | None] = [None] * len(inputs)
-    generation_options = dict(
-        num_beams=num_beams,
-        num_return_sequences=num_return_sequences,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
+    generation_options = {
+        "num_beams": num_beams,
+        "num_return_sequences": num_return_sequences,
+        "max_new_tokens": max_new_tokens,
+        "do_sample": False,
         # Not early_stopping=True: it ends the search once num_beams hypotheses have finished, and short
         # junk ones ("se</s>") finish first, pushing the best complete query out of the returned beams.
-        early_stopping=False,
-    )
+        "early_stopping": False,
+    }
     with torch.inference_mode():
         for batch in tqdm(batches, desc=f"generate (beams={num_beams})", unit="batch", disable=not show):
             encoded = tokenizer(
@@ -75,7 +76,8 @@ def generate(
             )
             encoded = {k: v.to(device) for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
             sequences = model.generate(**encoded, **generation_options)
-            texts = tokenizer.batch_decode(sequences, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+            texts = tokenizer.batch_decode(sequences, skip_special_tokens=True,
+                                           clean_up_tokenization_spaces=False)
             for position, index in enumerate(batch):
                 group = texts[position * num_return_sequences : (position + 1) * num_return_sequences]
                 outputs[index] = [t.strip() for t in group]

@@ -7,7 +7,8 @@ Execution accuracy (EX), decided here and used everywhere:
 - Results are compared as multisets of rows (duplicates count), or as ordered lists when the gold query has
   a top-level ORDER BY. Column names are ignored and column ORDER is ignored too, as in Spider's test-suite
   evaluation: the prediction is right if some permutation of its columns gives the gold result
-  (`SELECT name, age` vs `SELECT age, name` match). The column count must be equal.
+  (`SELECT name, age` vs `SELECT age, name` match). The column count must be equal, except that two
+  empty results always match (as in the test-suite evaluation).
 - Values are compared after normalization: 1 == 1.0 == True; floats rounded to 6 decimals (so SQLite's
   float noise in AVG/SUM does not decide); strings are compared exactly (case matters, as in the database).
 - A result over `max_rows` is compared on its first `max_rows` rows; both sides must be over the limit.
@@ -26,7 +27,6 @@ same counting rules, quirks included (see `hardness`).
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections import Counter
 from collections.abc import Hashable, Iterable, Mapping, Sequence
@@ -104,7 +104,8 @@ def normalize_value(value: Any) -> Hashable:
     return str(value)  # dates, UUIDs, ... from other backends compare by their text
 
 
-def results_match(predicted: Sequence[Sequence[Any]], gold: Sequence[Sequence[Any]], *, ordered: bool) -> bool:
+def results_match(predicted: Sequence[Sequence[Any]], gold: Sequence[Sequence[Any]], *,
+                  ordered: bool) -> bool:
     """Same rows (multiset, or list when `ordered`) under some permutation of the predicted columns."""
     pred_rows = [tuple(normalize_value(v) for v in row) for row in predicted]
     gold_rows = [tuple(normalize_value(v) for v in row) for row in gold]
@@ -167,9 +168,8 @@ def execution_verdict(predicted: Execution, gold: Execution, *, ordered: bool) -
         return PRED_ERROR
     if predicted.truncated != gold.truncated:
         return WRONG
-    if predicted.rows or gold.rows:
-        if predicted.n_columns != gold.n_columns:
-            return WRONG
+    if (predicted.rows or gold.rows) and predicted.n_columns != gold.n_columns:
+        return WRONG
     return CORRECT if results_match(predicted.rows, gold.rows, ordered=ordered) else WRONG
 
 
@@ -268,7 +268,7 @@ def _canon_query(node: exp.Expression, schema, parent: _Scope | None, with_value
     if not isinstance(node, exp.Select):
         return ("other", _canon_expr(node, None, schema, with_values))
     scope = _Scope(node, schema, parent)
-    canon = lambda e: _canon_expr(e, scope, schema, with_values)  # noqa: E731
+    canon = lambda e: _canon_expr(e, scope, schema, with_values)
     select_items = tuple(sorted(canon(e.this if isinstance(e, exp.Alias) else e) for e in node.expressions))
     tables = tuple(sorted(
         source.name.lower() if isinstance(source, exp.Table)

@@ -29,7 +29,6 @@ from pipelines.common.sql import CANONICAL_DIALECT, SQLITE_KEYWORDS, SQLError, e
 log = logging.getLogger(__name__)
 
 PROFILE_VALUES = 40          # most frequent distinct values kept per column
-QUANTILES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 MAX_GROUPS = 60              # a column with more distinct values is not used for GROUP BY
 QUERY_TIMEOUT_S = 5.0
 PROFILE_ROWS = 10_000        # rows fetched by a profiling query
@@ -71,8 +70,15 @@ def singular(phrase: str) -> str:
     return f"{head} {word}" if head else word
 
 
+_PREPOSITION = re.compile(r" (in|of|per|for|on|at|by|to|from) ")
+
+
 def plural(phrase: str) -> str:
-    """Plural of the last word of a noun phrase; already-plural phrases stay as they are."""
+    """Plural of a noun phrase's head word (`unit price` -> `unit prices`, `unit in stock` -> `units in
+    stock`); already-plural phrases stay as they are."""
+    split = _PREPOSITION.search(phrase)
+    if split:
+        return plural(phrase[: split.start()]) + phrase[split.start():]
     head, _, word = phrase.rpartition(" ")
     if singular(word) != word:
         return phrase
@@ -176,8 +182,9 @@ def _kind_of(values: list[Any], declared_type: str, is_key: bool) -> str:
     if all(isinstance(v, str) for v in values):
         if is_key:
             return "key"
+        declared_date = re.search(r"date|time", declared_type, re.IGNORECASE)
         if all(_DATE.match(v) for v in values) or (
-                re.search(r"date|time", declared_type, re.IGNORECASE) and all(_DATE.match(v[:10]) for v in values)):
+                declared_date and all(_DATE.match(v[:10]) for v in values)):
             return "date"
         return "text"
     return "other"
@@ -218,7 +225,8 @@ def literal(value: Any) -> str:
 def _say(value: Any) -> str:
     """A value as written in a question."""
     if isinstance(value, float):
-        return str(int(value)) if value.is_integer() else f"{value:.6g}" if abs(value) < 1e6 else f"{value:.2f}"
+        # The shortest text that reads back as the same number, so question and SQL agree exactly.
+        return str(int(value)) if value.is_integer() else repr(value)
     return str(value)
 
 
@@ -233,7 +241,8 @@ def profile_database(schema: SchemaSnapshot, target: str | Path) -> DatabaseProf
         try:
             n_rows = db.rows(f"SELECT COUNT(*) FROM {t}")[0][0]
         except SQLError as exc:
-            raise PipelineError(f"{schema.db_id}: table {table.name!r} of the schema snapshot cannot be read: {exc}") from exc
+            raise PipelineError(f"{schema.db_id}: table {table.name!r} of the schema snapshot "
+                                f"cannot be read: {exc}") from exc
         if not n_rows:
             continue
         columns = []
@@ -250,10 +259,14 @@ def profile_database(schema: SchemaSnapshot, target: str | Path) -> DatabaseProf
             n_distinct, n_values = db.rows(f"SELECT COUNT(DISTINCT {c}), COUNT({c}) FROM {t}")[0]
             quantiles = []
             if kind in ("number", "date") and n_values:
-                quantiles = [_plain(db.rows(f"SELECT {c} FROM {t} WHERE {c} IS NOT NULL ORDER BY {c} "
-                                            f"LIMIT 1 OFFSET {int(q * (n_values - 1))}")[0][0]) for q in QUANTILES]
+                # Deciles in one sort: the smallest value of each of the upper nine tenths.
+                deciles = db.rows(f"SELECT MIN({c}) FROM (SELECT {c}, NTILE(10) OVER (ORDER BY {c}) "
+                                  f"AS decile FROM {t} WHERE {c} IS NOT NULL) AS ranked "
+                                  f"GROUP BY decile ORDER BY decile")
+                quantiles = [_plain(value) for (value,) in deciles[1:]]
             columns.append(ColumnProfile(table=table.name, name=column.name, kind=kind, n_distinct=n_distinct,
-                                         n_values=n_values, frequent=frequent, quantiles=quantiles, phrase=humanize(column.name)))
+                                         n_values=n_values, frequent=frequent, quantiles=quantiles,
+                                         phrase=humanize(column.name)))
         primary = next((p for p, col in zip(columns, table.columns) if col.primary_key), None)
         noun = humanize(table.name)
         tables.append(TableProfile(name=table.name, n_rows=n_rows, columns=columns, primary_key=primary,
@@ -323,14 +336,16 @@ class _Templates:
             value = self.choice(column.values)
             said = self.value_text(value)
             return Condition(f"{col} = {literal(value)}", f"{name} is {said}",
-                             self.choice([f"with {name} {said}", f"whose {name} is {said}"]), f"{name} {said}")
+                             self.choice([f"with {name} {said}",
+                                          f"whose {name} is {said}"]), f"{name} {said}")
         if op in ("gt", "lt"):
             value = self.choice(column.quantiles[1:-1])
             if op == "gt":
                 words = ["after", "later than"] if is_date else ["greater than", "more than", "above", "over"]
                 sql = f"{col} > {literal(value)}"
             else:
-                words = ["before", "earlier than"] if is_date else ["less than", "below", "under", "smaller than"]
+                words = ["before", "earlier than"] if is_date else ["less than", "below", "under",
+                                                                     "smaller than"]
                 sql = f"{col} < {literal(value)}"
             word = self.choice(words)
             return Condition(sql, f"{name} is {word} {_say(value)}", f"with {name} {word} {_say(value)}",
@@ -339,7 +354,8 @@ class _Templates:
             low, high = sorted(self.rng.sample(sorted(set(column.quantiles)), 2))
             span = f"between {_say(low)} and {_say(high)}"
             return Condition(f"{col} BETWEEN {literal(low)} AND {literal(high)}", f"{name} is {span}",
-                             self.choice([f"with {name} {span}", f"whose {name} lies {span}"]), f"{_article(name)} {span}")
+                             self.choice([f"with {name} {span}",
+                                          f"whose {name} lies {span}"]), f"{_article(name)} {span}")
         # LIKE: a prefix, a word or a suffix of a real value, so the pattern matches something.
         value = self.choice([v for v in column.values if isinstance(v, str) and _WORD.search(v)])
         if value is None:
@@ -347,7 +363,8 @@ class _Templates:
         words = _WORD.findall(value)
         shape = self.choice(["prefix", "contains", "suffix"])
         if shape == "prefix":
-            part = words[0] if value.startswith(words[0]) and self.rng.random() < 0.5 else value[: self.rng.randint(1, 3)]
+            whole_word = value.startswith(words[0]) and self.rng.random() < 0.5
+            part = words[0] if whole_word else value[: self.rng.randint(1, 3)]
             if "%" in part or "_" in part or "'" in part:
                 return None
             verb, verbing = self.choice([("starts with", "starting with"), ("begins with", "beginning with")])
@@ -361,7 +378,9 @@ class _Templates:
                 return None
             pattern, verb, verbing = f"%{part}", "ends with", "ending with"
         said = f'"{part}"'
-        return Condition(f"{col} LIKE {literal(pattern)}", f"{name} {verb} {said}", f"whose {name} {verb} {said}",
+        return Condition(f"{col} LIKE {literal(pattern)}",
+        f"{name} {verb} {said}",
+        f"whose {name} {verb} {said}",
                          f"{_article(name)} {verbing} {said}")
 
     def where(self, cond: Condition) -> str:
@@ -391,10 +410,10 @@ class _Templates:
         candidates = [(t, found) for t, found in candidates if found]
         return self.choice(candidates)
 
-    def link(self, parent_needs_label: bool = True, allow_self: bool = True) -> Link | None:
+    def link(self, allow_self: bool = True) -> Link | None:
+        """A foreign key whose parent has columns to talk about."""
         links = [lk for lk in self.profile.links
-                 if (not parent_needs_label or lk.parent.attributes())
-                 and (allow_self or lk.child is not lk.parent)]
+                 if lk.parent.attributes() and (allow_self or lk.child is not lk.parent)]
         return self.choice(links)
 
     # --- projection ---------------------------------------------------------------------------------
@@ -406,14 +425,16 @@ class _Templates:
             return None
         what, T = self.say_list(cols), table.plural
         question = self.choice([f"List the {what} of all {T}.", f"Show the {what} of every {table.singular}.",
-                                f"What are the {what} of the {T}?", f"Give me the {what} for each {table.singular}."])
+                                f"What are the {what} of the {T}?",
+                                f"Give me the {what} for each {table.singular}."])
         return question, f"SELECT {self.sql_list(cols)} FROM {quote(table.name)}"
 
     # --- filters --------------------------------------------------------------------------------------
 
     def _filter(self, op: str, kinds: tuple[str, ...]):
         needs_order = op in ("gt", "lt", "between")
-        found = self.table_with(lambda t: [c for c in t.attributes(*kinds) if c.comparable or not needs_order])
+        found = self.table_with(lambda t: [c for c in t.attributes(*kinds)
+                                           if c.comparable or not needs_order])
         if not found:
             return None
         table, columns = found
@@ -424,8 +445,10 @@ class _Templates:
             return None
         what, T = self.say_list(cols), table.plural
         where = self.where(cond)
-        question = self.choice([f"What are the {what} of the {T} {where}?", f"List the {what} of {T} {where}.",
-                                f"Find the {what} of all {T} {where}.", f"Which {T} have {cond.has}? Show their {what}."])
+        question = self.choice([f"What are the {what} of the {T} {where}?",
+                                f"List the {what} of {T} {where}.",
+                                f"Find the {what} of all {T} {where}.",
+                                f"Which {T} have {cond.has}? Show their {what}."])
         return question, f"SELECT {self.sql_list(cols)} FROM {quote(table.name)} WHERE {cond.sql}"
 
     def filter_equals(self):
@@ -452,9 +475,12 @@ class _Templates:
             return None
         joiner = self.choice(["AND", "OR"])
         word = "and" if joiner == "AND" else "or"
-        question = self.choice([f"List the {self.say_list(cols)} of {table.plural} whose {c1.clause} {word} whose {c2.clause}.",
-                                f"Which {table.plural} have {c1.has} {word} {c2.has}? Give their {self.say_list(cols)}."])
-        return question, f"SELECT {self.sql_list(cols)} FROM {quote(table.name)} WHERE {c1.sql} {joiner} {c2.sql}"
+        question = self.choice([
+            f"List the {self.say_list(cols)} of {table.plural} whose {c1.clause} {word} whose {c2.clause}.",
+            f"Which {table.plural} have {c1.has} {word} {c2.has}? Give their {self.say_list(cols)}.",
+        ])
+        return question, (f"SELECT {self.sql_list(cols)} FROM {quote(table.name)} "
+                          f"WHERE {c1.sql} {joiner} {c2.sql}")
 
     # --- aggregates -----------------------------------------------------------------------------------
 
@@ -462,8 +488,9 @@ class _Templates:
         table = self.choice(self.tables)
         T = table.plural
         if self.rng.random() < 0.25:
-            return self.choice([f"How many {T} are there?", f"Count the {T}.", f"What is the total number of {T}?"]), \
-                f"SELECT COUNT(*) FROM {quote(table.name)}"
+            question = self.choice([f"How many {T} are there?", f"Count the {T}.",
+                                    f"What is the total number of {T}?"])
+            return question, f"SELECT COUNT(*) FROM {quote(table.name)}"
         cond = self.condition(self.choice(table.attributes()))
         if cond is None:
             return None
@@ -472,8 +499,8 @@ class _Templates:
                                 f"What is the number of {T} {where}?", f"How many {T} have {cond.has}?"])
         return question, f"SELECT COUNT(*) FROM {quote(table.name)} WHERE {cond.sql}"
 
-    _AGGREGATES = {"AVG": ["average", "mean"], "SUM": ["total", "sum of the"], "MIN": ["minimum", "lowest", "smallest"],
-                   "MAX": ["maximum", "highest", "largest"]}
+    _AGGREGATES = {"AVG": ["average", "mean"], "SUM": ["total", "sum of the"],
+                   "MIN": ["minimum", "lowest", "smallest"], "MAX": ["maximum", "highest", "largest"]}
 
     def aggregate(self):
         found = self.table_with(lambda t: t.attributes("number"))
@@ -491,7 +518,8 @@ class _Templates:
                 return None
             sql += f" WHERE {cond.sql}"
             scope = f"{table.plural} {self.where(cond)}"
-        question = self.choice([f"What is the {word} {column.phrase} of {scope}?", f"Find the {word} {column.phrase} among {scope}.",
+        question = self.choice([f"What is the {word} {column.phrase} of {scope}?",
+                                f"Find the {word} {column.phrase} among {scope}.",
                                 f"Compute the {word} {column.phrase} over {scope}."])
         return question, sql
 
@@ -501,8 +529,10 @@ class _Templates:
             return None
         table, numbers = found
         column = self.choice(numbers)
-        (f1, w1), (f2, w2) = self.choice([(("MIN", "minimum"), ("MAX", "maximum")), (("MIN", "lowest"), ("MAX", "highest")),
-                                          (("SUM", "total"), ("AVG", "average")), (("MAX", "maximum"), ("SUM", "total"))])
+        (f1, w1), (f2, w2) = self.choice([
+            (("MIN", "minimum"), ("MAX", "maximum")), (("MIN", "lowest"), ("MAX", "highest")),
+            (("SUM", "total"), ("AVG", "average")), (("MAX", "maximum"), ("SUM", "total")),
+        ])
         c, sql = quote(column.name), ""
         scope = f"all {table.plural}"
         if self.rng.random() < 0.4:
@@ -546,7 +576,8 @@ class _Templates:
             select = f"{quote(group.name)}, {func}({quote(column.name)})"
         else:
             question = self.choice([f"How many {T} are there for each {g}?", f"Count the {T} per {g}.",
-                                    f"For every {g}, show the number of {T}.", f"Show each {g} and how many {T} have it."])
+                                    f"For every {g}, show the number of {T}.",
+                                    f"Show each {g} and how many {T} have it."])
             select = f"{quote(group.name)}, COUNT(*)"
         sql = f"SELECT {select} FROM {quote(table.name)}"
         if self.rng.random() < 0.3:
@@ -570,8 +601,10 @@ class _Templates:
             column = self.choice(numbers)
             threshold = self.choice(column.quantiles[2:-2])
             word = self.choice(["above", "greater than", "higher than"])
-            question = self.choice([f"Which {gs} have an average {column.phrase} {word} {_say(threshold)} among their {T}?",
-                                    f"List the {gs} whose {T} have an average {column.phrase} {word} {_say(threshold)}."])
+            question = self.choice([
+                f"Which {gs} have an average {column.phrase} {word} {_say(threshold)} among their {T}?",
+                f"List the {gs} whose {T} have an average {column.phrase} {word} {_say(threshold)}.",
+            ])
             return question, f"{base} HAVING AVG({quote(column.name)}) > {literal(threshold)}"
         # A threshold between real group sizes, so some groups pass and some do not.
         sizes = sorted({n for _, n in group.frequent})
@@ -604,13 +637,17 @@ class _Templates:
             self.choice(["highest", "largest"]) if descending else self.choice(["lowest", "smallest"])
         k = self.choice([1, 1, 3, 5, 10])
         if k == 1:
-            question = self.choice([f"What is the {what} of the {table.singular} with the {extreme} {column.phrase}?",
-                                    f"Which {table.singular} has the {extreme} {column.phrase}? Give its {what}."])
+            question = self.choice([
+                f"What is the {what} of the {table.singular} with the {extreme} {column.phrase}?",
+                f"Which {table.singular} has the {extreme} {column.phrase}? Give its {what}.",
+            ])
         else:
-            question = self.choice([f"List the {what} of the {k} {table.plural} with the {extreme} {column.phrase}.",
-                                    f"Show the {what} of the top {k} {table.plural} by {column.phrase}"
-                                    + (" in descending order." if descending else ", smallest first."),
-                                    f"Which {k} {table.plural} have the {extreme} {column.phrase}? Show their {what}."])
+            question = self.choice([
+                f"List the {what} of the {k} {table.plural} with the {extreme} {column.phrase}.",
+                f"Show the {what} of the top {k} {table.plural} by {column.phrase}"
+                + (" in descending order." if descending else ", smallest first."),
+                f"Which {k} {table.plural} have the {extreme} {column.phrase}? Show their {what}.",
+            ])
         return question, (f"SELECT {self.sql_list(cols)} FROM {quote(table.name)} "
                           f"ORDER BY {quote(column.name)} {order} LIMIT {k}")
 
@@ -662,22 +699,29 @@ class _Templates:
         if link is None:
             return None
         child, parent, role = link.child, link.parent, link.role
-        join = f"FROM {quote(child.name)} AS T1 JOIN {quote(parent.name)} AS T2 ON {self._on(link, 'T1', 'T2')}"
+        join = (f"FROM {quote(child.name)} AS T1 JOIN {quote(parent.name)} AS T2 "
+                f"ON {self._on(link, 'T1', 'T2')}")
         shape = self.choice(["pair", "filter_parent", "filter_child", "count"])
         if shape == "pair":
             mine, theirs = self.shown(child)[:1], self.shown(parent)[:1]
             if not mine or not theirs:
                 return None
-            question = self.choice([f"Show the {mine[0].phrase} of each {child.singular} together with the {theirs[0].phrase} of its {role}.",
-                                    f"For every {child.singular}, list its {mine[0].phrase} and the {theirs[0].phrase} of its {role}."])
+            question = self.choice([
+                f"Show the {mine[0].phrase} of each {child.singular} together with the {theirs[0].phrase} "
+                f"of its {role}.",
+                f"For every {child.singular}, list its {mine[0].phrase} and the {theirs[0].phrase} of its "
+                f"{role}.",
+            ])
             return question, f"SELECT T1.{quote(mine[0].name)}, T2.{quote(theirs[0].name)} {join}"
         if shape == "filter_parent":
             mine = self.shown(child)
             cond = self.condition(self.choice(parent.attributes()), alias="T2.")
             if not mine or cond is None:
                 return None
-            question = self.choice([f"List the {self.say_list(mine)} of {child.plural} whose {role} has {cond.has}.",
-                                    f"What are the {self.say_list(mine)} of the {child.plural} whose {role}'s {cond.clause}?"])
+            question = self.choice([
+                f"List the {self.say_list(mine)} of {child.plural} whose {role} has {cond.has}.",
+                f"What are the {self.say_list(mine)} of the {child.plural} whose {role}'s {cond.clause}?",
+            ])
             return question, f"SELECT {self.sql_list(mine, 'T1.')} {join} WHERE {cond.sql}"
         if shape == "filter_child":
             theirs = self.shown(parent)
@@ -686,12 +730,18 @@ class _Templates:
             cond = self.condition(self.choice(child.attributes()), alias="T1.")
             if cond is None:
                 return None
-            question = self.choice([f"What are the distinct {self.say_list(theirs)} of {plural(role)} of {child.plural} {self.where(cond)}?",
-                                    f"Find the {self.say_list(theirs)} of every {role} that has {_article(child.singular)} {self.where(cond)}."])
+            question = self.choice([
+                f"What are the distinct {self.say_list(theirs)} of {plural(role)} of {child.plural} "
+                f"{self.where(cond)}?",
+                f"Find the {self.say_list(theirs)} of every {role} that has {_article(child.singular)} "
+                f"{self.where(cond)}.",
+            ])
             return question, f"SELECT DISTINCT {self.sql_list(theirs, 'T2.')} {join} WHERE {cond.sql}"
         label = parent.label or self.choice(parent.attributes())
-        question = self.choice([f"How many {child.plural} does each {role} have? Show the {role}'s {label.phrase} and the count.",
-                                f"For each {role}, give its {label.phrase} and the number of {child.plural}."])
+        question = self.choice([
+            f"How many {child.plural} does each {role} have? Show the {role}'s {label.phrase} and the count.",
+            f"For each {role}, give its {label.phrase} and the number of {child.plural}.",
+        ])
         return question, (f"SELECT T2.{quote(label.name)}, COUNT(*) {join} "
                           f"GROUP BY T2.{quote(link.ref.name)}")
 
@@ -706,10 +756,13 @@ class _Templates:
         if cond is None:
             return None
         children = link.child.plural
-        question = self.choice([f"What is the {word} {column.phrase} of {children} whose {link.role} has {cond.has}?",
-                                f"Find the {word} {column.phrase} over all {children} of {plural(link.role)} {self.where(cond)}."])
+        question = self.choice([
+            f"What is the {word} {column.phrase} of {children} whose {link.role} has {cond.has}?",
+            f"Find the {word} {column.phrase} over all {children} of {plural(link.role)} {self.where(cond)}.",
+        ])
         return question, (f"SELECT {func}(T1.{quote(column.name)}) FROM {quote(link.child.name)} AS T1 "
-                          f"JOIN {quote(link.parent.name)} AS T2 ON {self._on(link, 'T1', 'T2')} WHERE {cond.sql}")
+                          f"JOIN {quote(link.parent.name)} AS T2 ON {self._on(link, 'T1', 'T2')} "
+                          f"WHERE {cond.sql}")
 
     def join_group_order(self):
         link = self.link()
@@ -718,9 +771,12 @@ class _Templates:
         label = link.parent.label or self.choice(link.parent.attributes())
         most = self.rng.random() < 0.75
         word = "most" if most else "fewest"
-        question = self.choice([f"Which {link.role} has the {word} {link.child.plural}? Give its {label.phrase}.",
-                                f"What is the {label.phrase} of the {link.role} with the {word} {link.child.plural}?"])
-        return question, (f"SELECT T2.{quote(label.name)} FROM {quote(link.child.name)} AS T1 JOIN {quote(link.parent.name)} AS T2 "
+        question = self.choice([
+            f"Which {link.role} has the {word} {link.child.plural}? Give its {label.phrase}.",
+            f"What is the {label.phrase} of the {link.role} with the {word} {link.child.plural}?",
+        ])
+        return question, (f"SELECT T2.{quote(label.name)} FROM {quote(link.child.name)} AS T1 "
+                          f"JOIN {quote(link.parent.name)} AS T2 "
                           f"ON {self._on(link, 'T1', 'T2')} GROUP BY T2.{quote(link.ref.name)} "
                           f"ORDER BY COUNT(*) {'DESC' if most else 'ASC'} LIMIT 1")
 
@@ -731,7 +787,8 @@ class _Templates:
             for second in self.profile.links:
                 if first is second:
                     continue
-                if first.parent is second.child and len({first.child.name, first.parent.name, second.parent.name}) == 3:
+                distinct_tables = len({first.child.name, first.parent.name, second.parent.name}) == 3
+                if first.parent is second.child and distinct_tables:
                     paths.append((first.child, first, first.parent, second, second.parent, "chain"))
                 if first.child is second.child and first.parent is not second.parent \
                         and first.child not in (first.parent, second.parent):
@@ -757,14 +814,23 @@ class _Templates:
         if cond is None:
             return None
         if self.rng.random() < 0.3:
-            question = self.choice([f"How many different {plural(shown.singular)} are linked through {b.plural} to {filtered.plural} {self.where(cond)}?",
-                                    f"Count the distinct {shown.plural} connected via {b.plural} to {filtered.plural} {self.where(cond)}."])
+            question = self.choice([
+                f"How many different {plural(shown.singular)} are linked through {b.plural} to "
+                f"{filtered.plural} {self.where(cond)}?",
+                f"Count the distinct {shown.plural} connected via {b.plural} to {filtered.plural} "
+                f"{self.where(cond)}.",
+            ])
             key = shown.primary_key or cols[0]
             return question, f"SELECT COUNT(DISTINCT {shown_alias}{quote(key.name)}) {join} WHERE {cond.sql}"
         what = cols[0].phrase
-        question = self.choice([f"What are the distinct {plural(what)} of {shown.plural} linked through {b.plural} to {filtered.plural} {self.where(cond)}?",
-                                f"For {filtered.plural} {self.where(cond)}, list the different {plural(what)} of the related {shown.plural} (via {b.plural}).",
-                                f"Find the {what} of every {shown.singular} connected by {b.plural} to {_article(filtered.singular)} {self.where(cond)}."])
+        question = self.choice([
+            f"What are the distinct {plural(what)} of {shown.plural} linked through {b.plural} to "
+            f"{filtered.plural} {self.where(cond)}?",
+            f"For {filtered.plural} {self.where(cond)}, list the different {plural(what)} of the related "
+            f"{shown.plural} (via {b.plural}).",
+            f"Find the {what} of every {shown.singular} connected by {b.plural} to "
+            f"{_article(filtered.singular)} {self.where(cond)}.",
+        ])
         return question, f"SELECT DISTINCT {shown_alias}{quote(cols[0].name)} {join} WHERE {cond.sql}"
 
     # --- nested queries ------------------------------------------------------------------------------------
@@ -778,9 +844,13 @@ class _Templates:
         if not cols or cond is None:
             return None
         parents, child = link.parent.plural, link.child
-        question = self.choice([f"List the {self.say_list(cols)} of {parents} that have at least one {child.singular} {self.where(cond)}.",
-                                f"Which {parents} have {child.plural} {self.where(cond)}? Give their {self.say_list(cols)}."])
-        return question, (f"SELECT {self.sql_list(cols)} FROM {quote(link.parent.name)} WHERE {quote(link.ref.name)} IN "
+        question = self.choice([
+            f"List the {self.say_list(cols)} of {parents} that have at least one {child.singular} "
+            f"{self.where(cond)}.",
+            f"Which {parents} have {child.plural} {self.where(cond)}? Give their {self.say_list(cols)}.",
+        ])
+        return question, (f"SELECT {self.sql_list(cols)} FROM {quote(link.parent.name)} "
+                          f"WHERE {quote(link.ref.name)} IN "
                           f"(SELECT {quote(link.fk.name)} FROM {quote(child.name)} WHERE {cond.sql})")
 
     def not_in_subquery(self):
@@ -797,12 +867,18 @@ class _Templates:
             if cond is None:
                 return None
             inner += f" WHERE {cond.sql}"
-            question = self.choice([f"List the {self.say_list(cols)} of {parents} that have no {child.singular} {self.where(cond)}.",
-                                    f"Which {parents} do not have any {child.plural} {self.where(cond)}? Show their {self.say_list(cols)}."])
+            question = self.choice([
+                f"List the {self.say_list(cols)} of {parents} that have no {child.singular} "
+                f"{self.where(cond)}.",
+                f"Which {parents} do not have any {child.plural} {self.where(cond)}? Show their "
+                f"{self.say_list(cols)}.",
+            ])
         else:
-            question = self.choice([f"Which {parents} have no {child.plural}? List their {self.say_list(cols)}.",
-                                    f"Show the {self.say_list(cols)} of {parents} without any {child.singular}.",
-                                    f"Find the {self.say_list(cols)} of {parents} that never appear in {child.plural}."])
+            question = self.choice([
+                f"Which {parents} have no {child.plural}? List their {self.say_list(cols)}.",
+                f"Show the {self.say_list(cols)} of {parents} without any {child.singular}.",
+                f"Find the {self.say_list(cols)} of {parents} that never appear in {child.plural}.",
+            ])
         return question, (f"SELECT {self.sql_list(cols)} FROM {quote(link.parent.name)} "
                           f"WHERE {quote(link.ref.name)} NOT IN ({inner})")
 
@@ -815,27 +891,37 @@ class _Templates:
         cols = self.shown(table, exclude=column)
         if not cols:
             return None
-        what, T, n, c, t = self.say_list(cols), table.plural, column.phrase, quote(column.name), quote(table.name)
+        what, T, n = self.say_list(cols), table.plural, column.phrase
+        c, t = quote(column.name), quote(table.name)
         shape = self.choice(["above_avg", "below_avg", "equals_max", "above_filtered_avg"])
         if shape == "above_avg":
             question = self.choice([f"Which {T} have {_article(n)} above the average? Give their {what}.",
                                     f"List the {what} of {T} whose {n} is greater than the average {n}."])
             return question, f"SELECT {self.sql_list(cols)} FROM {t} WHERE {c} > (SELECT AVG({c}) FROM {t})"
         if shape == "below_avg":
-            question = self.choice([f"List the {what} of {T} with {_article(n)} below the average.",
-                                    f"Which {T} have {_article(n)} lower than the average {n} of all {T}? Show their {what}."])
+            question = self.choice([
+                f"List the {what} of {T} with {_article(n)} below the average.",
+                f"Which {T} have {_article(n)} lower than the average {n} of all {T}? Show their {what}.",
+            ])
             return question, f"SELECT {self.sql_list(cols)} FROM {t} WHERE {c} < (SELECT AVG({c}) FROM {t})"
         if shape == "equals_max":
             func, word = self.choice([("MAX", "highest"), ("MIN", "lowest")])
-            question = self.choice([f"What are the {what} of the {T} whose {n} equals the {word} {n}?",
-                                    f"Show the {what} of every {table.singular} that has the {word} {n} of all {T}."])
-            return question, f"SELECT {self.sql_list(cols)} FROM {t} WHERE {c} = (SELECT {func}({c}) FROM {t})"
+            question = self.choice([
+                f"What are the {what} of the {T} whose {n} equals the {word} {n}?",
+                f"Show the {what} of every {table.singular} that has the {word} {n} of all {T}.",
+            ])
+            return question, (f"SELECT {self.sql_list(cols)} FROM {t} "
+                              f"WHERE {c} = (SELECT {func}({c}) FROM {t})")
         cond = self.condition(self.choice([a for a in table.attributes() if a is not column] or [column]))
         if cond is None:
             return None
-        question = self.choice([f"List the {what} of {T} whose {n} is greater than the average {n} of {T} {self.where(cond)}.",
-                                f"Which {T} have {_article(n)} above the average of the {T} {self.where(cond)}? Give their {what}."])
-        return question, f"SELECT {self.sql_list(cols)} FROM {t} WHERE {c} > (SELECT AVG({c}) FROM {t} WHERE {cond.sql})"
+        question = self.choice([
+            f"List the {what} of {T} whose {n} is greater than the average {n} of {T} {self.where(cond)}.",
+            f"Which {T} have {_article(n)} above the average of the {T} {self.where(cond)}? Give their "
+            f"{what}.",
+        ])
+        return question, (f"SELECT {self.sql_list(cols)} FROM {t} "
+                          f"WHERE {c} > (SELECT AVG({c}) FROM {t} WHERE {cond.sql})")
 
     # --- set operations ------------------------------------------------------------------------------------
 
@@ -859,18 +945,30 @@ class _Templates:
             if conds is None:
                 return None
             c1, c2 = conds
-            part = (f"SELECT T2.{quote(label.name)} FROM {quote(child.name)} AS T1 JOIN {quote(parent.name)} AS T2 "
+            part = (f"SELECT T2.{quote(label.name)} FROM {quote(child.name)} AS T1 "
+                    f"JOIN {quote(parent.name)} AS T2 "
                     f"ON {self._on(link, 'T1', 'T2')} WHERE ")
             sql = f"{part}{c1.sql} {operator} {part}{c2.sql}"
             cl1, cl2 = c1.has, c2.has
             subject = f"{label.phrase} of the {plural(link.role)}"
             question = {
-                "UNION": self.choice([f"What is the {subject} that have {_article(child.singular)} with {cl1} or one with {cl2}?",
-                                      f"List the {subject} with some {child.singular} whose {c1.clause} or whose {c2.clause}."]),
-                "INTERSECT": self.choice([f"Which {plural(link.role)} have both {_article(child.singular)} with {cl1} and one with {cl2}? Give the {label.phrase}.",
-                                          f"Find the {subject} that have {child.plural} with {cl1} and also {child.plural} with {cl2}."]),
-                "EXCEPT": self.choice([f"Which {plural(link.role)} have {_article(child.singular)} with {cl1} but none with {cl2}? Give the {label.phrase}.",
-                                       f"List the {subject} with {child.plural} whose {c1.clause}, excluding those with {child.plural} whose {c2.clause}."]),
+                "UNION": self.choice([
+                    f"What is the {subject} that have {_article(child.singular)} with {cl1} or one with "
+                    f"{cl2}?",
+                    f"List the {subject} with some {child.singular} whose {c1.clause} or whose {c2.clause}.",
+                ]),
+                "INTERSECT": self.choice([
+                    f"Which {plural(link.role)} have both {_article(child.singular)} with {cl1} and one "
+                    f"with {cl2}? Give the {label.phrase}.",
+                    f"Find the {subject} that have {child.plural} with {cl1} and also {child.plural} with "
+                    f"{cl2}.",
+                ]),
+                "EXCEPT": self.choice([
+                    f"Which {plural(link.role)} have {_article(child.singular)} with {cl1} but none with "
+                    f"{cl2}? Give the {label.phrase}.",
+                    f"List the {subject} with {child.plural} whose {c1.clause}, excluding those with "
+                    f"{child.plural} whose {c2.clause}.",
+                ]),
             }[operator]
             return question, sql
         table = self.choice(self.tables)
@@ -883,12 +981,19 @@ class _Templates:
         part = f"SELECT {quote(cols[0].name)} FROM {quote(table.name)} WHERE "
         sql = f"{part}{c1.sql} {operator} {part}{c2.sql}"
         question = {
-            "UNION": self.choice([f"List the {what} of {T} whose {c1.clause} or whose {c2.clause}, without duplicates.",
-                                  f"Show the {plural(what)} of {T} {self.where(c1)} together with those of {T} {self.where(c2)}."]),
-            "INTERSECT": self.choice([f"Which {plural(what)} belong both to {T} {self.where(c1)} and to {T} {self.where(c2)}?",
-                                      f"Find the {plural(what)} shared by {T} {self.where(c1)} and {T} {self.where(c2)}."]),
-            "EXCEPT": self.choice([f"List the {plural(what)} of {T} {self.where(c1)}, except those of {T} {self.where(c2)}.",
-                                   f"Which {plural(what)} appear among {T} {self.where(c1)} but not among {T} {self.where(c2)}?"]),
+            "UNION": self.choice([
+                f"List the {what} of {T} whose {c1.clause} or whose {c2.clause}, without duplicates.",
+                f"Show the {plural(what)} of {T} {self.where(c1)} together with those of {T} "
+                f"{self.where(c2)}.",
+            ]),
+            "INTERSECT": self.choice([
+                f"Which {plural(what)} belong both to {T} {self.where(c1)} and to {T} {self.where(c2)}?",
+                f"Find the {plural(what)} shared by {T} {self.where(c1)} and {T} {self.where(c2)}.",
+            ]),
+            "EXCEPT": self.choice([
+                f"List the {plural(what)} of {T} {self.where(c1)}, except those of {T} {self.where(c2)}.",
+                f"Which {plural(what)} appear among {T} {self.where(c1)} but not among {T} {self.where(c2)}?",
+            ]),
         }[operator]
         return question, sql
 
@@ -903,8 +1008,9 @@ class _Templates:
 
     def all(self) -> list[tuple[str, Callable[[], tuple[str, str] | None]]]:
         names = ["select_columns", "filter_equals", "filter_compare", "filter_like", "filter_between",
-                 "filter_two_conditions", "count_rows", "aggregate", "aggregate_pair", "count_distinct", "group_by", "group_having",
-                 "order_limit", "group_order_limit", "distinct", "join_one_hop", "join_aggregate", "join_group_order", "join_two_hops",
+                 "filter_two_conditions", "count_rows", "aggregate", "aggregate_pair", "count_distinct",
+                 "group_by", "group_having", "order_limit", "group_order_limit", "distinct", "join_one_hop",
+                 "join_aggregate", "join_group_order", "join_two_hops",
                  "in_subquery", "not_in_subquery", "scalar_subquery", "union", "intersect", "except_"]
         return [(name, getattr(self, name)) for name in names]
 
@@ -952,7 +1058,8 @@ def generate_pairs(schema: SchemaSnapshot, target: str | Path, n_pairs: int, see
             misses[name] = 0
             pairs.append(pair)
             if len(pairs) % 500 == 0:
-                log.info("%s: %d/%d synthetic pairs (%d attempts)", schema.db_id, len(pairs), n_pairs, attempts)
+                log.info("%s: %d/%d synthetic pairs (%d attempts)", schema.db_id, len(pairs), n_pairs,
+                         attempts)
     log.info("%s: generated %d synthetic pairs in %d attempts", schema.db_id, len(pairs), attempts)
     return pairs
 

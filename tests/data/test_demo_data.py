@@ -1,4 +1,5 @@
-"""The demo retail database: tables, real foreign keys, sizes, believable values, determinism, atomic write."""
+"""The demo retail database: tables, real foreign keys, sizes, believable values, determinism,
+atomic write."""
 
 from __future__ import annotations
 
@@ -51,8 +52,9 @@ def test_tables_and_foreign_keys(demo_db):
 
 def test_row_counts_scale_with_customers(demo_db, tmp_path):
     conn = _connect(demo_db)
-    counts = {t: _count(conn, f"SELECT COUNT(*) FROM {t}") for t in
-              ("categories", "suppliers", "products", "stores", "employees", "customers", "orders", "order_items")}
+    tables = ("categories", "suppliers", "products", "stores", "employees", "customers", "orders",
+              "order_items")
+    counts = {t: _count(conn, f"SELECT COUNT(*) FROM {t}") for t in tables}
     assert counts["customers"] == 600
     assert counts["categories"] == 10
     assert counts["products"] == 150 and counts["stores"] == 12 and counts["suppliers"] == 24
@@ -76,16 +78,18 @@ def test_values_are_believable(demo_db):
     low, high = conn.execute("SELECT MIN(unit_price), MAX(unit_price) FROM products").fetchone()
     assert 2 <= low < high <= 901
     # Orders never precede the customer's signup; items are priced at the product's list price.
-    assert _count(conn, "SELECT COUNT(*) FROM orders AS o JOIN customers AS c ON o.customer_id = c.customer_id "
-                        "WHERE o.order_date < c.signup_date") == 0
-    assert _count(conn, "SELECT COUNT(*) FROM order_items AS i JOIN products AS p ON i.product_id = p.product_id "
-                        "WHERE i.unit_price <> p.unit_price") == 0
+    assert _count(conn, "SELECT COUNT(*) FROM orders AS o JOIN customers AS c "
+                        "ON o.customer_id = c.customer_id WHERE o.order_date < c.signup_date") == 0
+    assert _count(conn, "SELECT COUNT(*) FROM order_items AS i JOIN products AS p "
+                        "ON i.product_id = p.product_id WHERE i.unit_price <> p.unit_price") == 0
     for (day,) in conn.execute("SELECT order_date FROM orders"):
         assert dt.date(2019, 1, 1) <= dt.date.fromisoformat(day) <= dt.date(2024, 12, 31)
     # Every store has exactly one manager, who reports to nobody.
-    assert _count(conn, "SELECT COUNT(*) FROM employees WHERE job_title = 'Store Manager' AND manager_id IS NULL") == 12
+    assert _count(conn, "SELECT COUNT(*) FROM employees "
+                        "WHERE job_title = 'Store Manager' AND manager_id IS NULL") == 12
     # Some customers never ordered: NOT IN questions have answers.
-    assert _count(conn, "SELECT COUNT(*) FROM customers WHERE customer_id NOT IN (SELECT customer_id FROM orders)") > 0
+    assert _count(conn, "SELECT COUNT(*) FROM customers "
+                        "WHERE customer_id NOT IN (SELECT customer_id FROM orders)") > 0
 
 
 def _dump(path: Path) -> list[str]:

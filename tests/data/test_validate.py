@@ -4,6 +4,7 @@ in the ingest artifact layout (docs/architecture.md) inside the temporary worksp
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 from pathlib import Path
 
@@ -28,13 +29,16 @@ CLEAN_ROWS = [
     # example_id, db_id, question, sql, split
     ("shop-0", "shop", "How many customers are there?", "SELECT COUNT(*) FROM customers", "train"),
     ("shop-1", "shop", "List the names of all customers.", "SELECT name FROM customers", "train"),
-    ("shop-2", "shop", "Which customers live in Oslo?", "SELECT name FROM customers WHERE city = 'Oslo'", "train"),
+    ("shop-2", "shop", "Which customers live in Oslo?",
+     "SELECT name FROM customers WHERE city = 'Oslo'", "train"),
     ("shop-3", "shop", "What is the total of all orders?", "SELECT SUM(total) FROM orders", "train"),
     ("shop-4", "shop", "How many orders did each customer place?",
-     "SELECT c.name, COUNT(*) FROM customers AS c JOIN orders AS o ON o.customer_id = c.id GROUP BY c.name", "train"),
+     "SELECT c.name, COUNT(*) FROM customers AS c JOIN orders AS o ON o.customer_id = c.id GROUP BY c.name",
+     "train"),
     ("shop-5", "shop", "Which cities have customers?", "SELECT DISTINCT city FROM customers", "train"),
     ("zoo-0", "zoo", "How many animals are in the zoo?", "SELECT COUNT(*) FROM animals", "test"),
-    ("zoo-1", "zoo", "Name every animal older than 5 years.", "SELECT name FROM animals WHERE age > 5", "test"),
+    ("zoo-1", "zoo", "Name every animal older than 5 years.",
+     "SELECT name FROM animals WHERE age > 5", "test"),
     ("zoo-2", "zoo", "What species are kept?", "SELECT DISTINCT species FROM animals", "test"),
     ("zoo-3", "zoo", "What is the average age of the animals?", "SELECT AVG(age) FROM animals", "test"),
 ]
@@ -45,12 +49,14 @@ def _build_databases(root: Path) -> dict[str, str]:
     scripts = {
         "shop": """
             CREATE TABLE customers (id INTEGER PRIMARY KEY, name TEXT NOT NULL, city TEXT NOT NULL);
-            CREATE TABLE orders (id INTEGER PRIMARY KEY, customer_id INTEGER REFERENCES customers (id), total REAL);
+            CREATE TABLE orders (id INTEGER PRIMARY KEY, customer_id INTEGER REFERENCES customers (id),
+                                 total REAL);
             INSERT INTO customers VALUES (1, 'Ada', 'Oslo'), (2, 'Bo', 'Lima'), (3, 'Cy', 'Oslo');
             INSERT INTO orders VALUES (1, 1, 9.5), (2, 1, 3.0), (3, 2, 7.25);""",
         "zoo": """
             CREATE TABLE animals (id INTEGER PRIMARY KEY, name TEXT, species TEXT, age INTEGER);
-            INSERT INTO animals VALUES (1, 'Rex', 'lion', 7), (2, 'Mo', 'otter', 2), (3, 'Zed', 'zebra', 9);""",
+            INSERT INTO animals VALUES (1, 'Rex', 'lion', 7), (2, 'Mo', 'otter', 2),
+                                       (3, 'Zed', 'zebra', 9);""",
     }
     for db_id, script in scripts.items():
         with sqlite3.connect(root / "databases" / f"{db_id}.sqlite") as connection:
@@ -73,7 +79,8 @@ def corrupted_rows() -> list[tuple]:
     """The clean rows plus three bad ones: SQL that does not parse, a repeated question (differing
     only in case and spacing), a one-character question."""
     return CLEAN_ROWS + [
-        ("bad-parse", "shop", "Show customers sorted by name.", "SELECT name FROM customers ORDER BY", "train"),
+        ("bad-parse", "shop", "Show customers sorted by name.",
+         "SELECT name FROM customers ORDER BY", "train"),
         ("bad-dup", "shop", "how many   customers are there?", "SELECT COUNT(id) FROM customers", "train"),
         ("bad-short", "zoo", "?", "SELECT name FROM animals", "test"),
     ]
@@ -119,7 +126,8 @@ def test_fail_mode_names_exactly_the_bad_rows_and_writes_no_validated_data(works
                       line.startswith("    ")}
     assert failing_checks == {"sql_parses", "unique_db_question", "question_length"}
     row_lines = [line for line in message.splitlines() if line.startswith("    row ")]
-    assert sorted(line.split("example_id=")[1].split()[0] for line in row_lines) == ["bad-dup", "bad-parse", "bad-short"]
+    named_rows = sorted(line.split("example_id=")[1].split()[0] for line in row_lines)
+    assert named_rows == ["bad-dup", "bad-parse", "bad-short"]
     assert "same question as example_id=shop-0" in message
     assert not VALIDATED.exists()
     metrics = json.loads(Path("metrics/validation.json").read_text())
@@ -135,7 +143,8 @@ def test_quarantine_mode_sets_exactly_the_bad_rows_aside(workspace):
 
     metrics = validate.main(params("quarantine"))
 
-    assert (metrics["total"], metrics["passed"], metrics["quarantined"]) == (len(CLEAN_ROWS) + 3, len(CLEAN_ROWS), 3)
+    counts = (metrics["total"], metrics["passed"], metrics["quarantined"])
+    assert counts == (len(CLEAN_ROWS) + 3, len(CLEAN_ROWS), 3)
     quarantine = pd.read_parquet(QUARANTINE).set_index("example_id")
     assert quarantine["failed_expectations"].to_dict() == {
         "bad-parse": "sql_parses", "bad-dup": "unique_db_question", "bad-short": "question_length"}
@@ -165,13 +174,16 @@ def test_split_leakage_is_not_checked_in_by_question_mode(workspace):
     assert metrics["passed"] == len(CLEAN_ROWS) + 1 and "no_split_leakage" not in metrics["failures"]
 
 
-def test_unknown_database_unsafe_and_non_executing_sql_and_nulls(workspace):
+def test_unknown_database_unsafe_and_non_executing_sql_and_nulls_each_fail_one_check(workspace):
     write_ingest(CLEAN_ROWS + [
         ("bad-table", "shop", "How many suppliers are there?", "SELECT COUNT(*) FROM suppliers", "train"),
         ("bad-write", "shop", "Remove all orders.", "DELETE FROM orders", "train"),
         ("bad-db", "library", "How many books are there?", "SELECT COUNT(*) FROM books", "train"),
         ("bad-null", "zoo", "Which animals are lions?", None, "test"),
-        ("bad-split", "zoo", "Which animals are otters?", "SELECT name FROM animals WHERE species = 'otter'", "val"),
+        ("bad-noq", "zoo", None, "SELECT name FROM animals", "test"),
+        ("bad-nodb", None, "Which animals are zebras?", "SELECT name FROM animals", "test"),
+        ("bad-split", "zoo", "Which animals are otters?",
+         "SELECT name FROM animals WHERE species = 'otter'", "val"),
     ])
 
     metrics = validate.main(params("quarantine"))
@@ -179,7 +191,8 @@ def test_unknown_database_unsafe_and_non_executing_sql_and_nulls(workspace):
     quarantine = pd.read_parquet(QUARANTINE).set_index("example_id")
     assert quarantine["failed_expectations"].to_dict() == {
         "bad-table": "sql_executes", "bad-write": "sql_executes", "bad-db": "db_id_known",
-        "bad-null": "sql_not_null", "bad-split": "split_known"}
+        "bad-null": "sql_not_null", "bad-noq": "question_not_null", "bad-nodb": "db_id_not_null",
+        "bad-split": "split_known"}
     assert "no such table: suppliers" in quarantine.at["bad-table", "failure_detail"]
     assert "only SELECT" in quarantine.at["bad-write", "failure_detail"]
     assert metrics["passed"] == len(CLEAN_ROWS)
@@ -188,21 +201,23 @@ def test_unknown_database_unsafe_and_non_executing_sql_and_nulls(workspace):
         assert connection.execute("SELECT COUNT(*) FROM orders").fetchone() == (3,)
 
 
-def test_slow_gold_query_fails_sql_executes_within_the_timeout(workspace):
+def test_slow_gold_query_fails_sql_executes_within_the_timeout(workspace, caplog):
     slow = ("WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 100000000) "
             "SELECT COUNT(*) FROM n")
+    caplog.set_level(logging.INFO, logger=validate.__name__)
     write_ingest(CLEAN_ROWS + [("bad-slow", "zoo", "Count to a hundred million.", slow, "test")])
 
     with pytest.raises(PipelineError, match=r"sql_executes .*: 1 row") as caught:
         validate.main(make_tiny_params(validate={"on_failure": "fail", "sql_timeout_s": 0.2}))
     assert "example_id=bad-slow" in str(caught.value) and "time limit" in str(caught.value)
+    assert "1 gold queries ran out of time; retrying them one at a time" in caplog.text
 
 
 def test_missing_column_is_reported_before_any_work(workspace):
     write_ingest(CLEAN_ROWS)
     pd.read_parquet(INGESTED_EXAMPLES).drop(columns=["sql"]).to_parquet(INGESTED_EXAMPLES, index=False)
 
-    with pytest.raises(PipelineError, match=r"data/ingested/examples.parquet: missing required column\(s\) sql"):
+    with pytest.raises(PipelineError, match=r"examples.parquet: missing required column\(s\) sql \(found: "):
         validate.main(params())
     assert not VALIDATION_REPORT.exists()
 
@@ -214,3 +229,37 @@ def test_missing_database_file_is_reported_before_any_work(workspace):
     with pytest.raises(PipelineError, match=r"zoo.sqlite: SQLite database file not found"):
         validate.main(params())
     assert not VALIDATION_REPORT.exists()
+
+
+@pytest.mark.slow
+def test_spiderman_ingest_sample_validates(workspace, shared_datasets):
+    """The real ingest of a SpiderMan sample, validated as the pipeline would (minutes: ingest loads
+    every database). Known SpiderMan problems may be quarantined; nothing else should be."""
+    from pipelines import ingest
+
+    tiny = make_tiny_params(
+        ingest={"source": "spiderman", "path": str(shared_datasets / "spiderman"),
+                "split_mode": "by_database", "max_examples": 400},
+        validate={"on_failure": "quarantine"})
+    ingest.main(tiny)
+
+    metrics = validate.main(tiny)
+
+    assert metrics["total"] == 400 and metrics["passed"] + metrics["quarantined"] == 400
+    assert metrics["failures"]["no_split_leakage"] == 0 and metrics["failures"]["sql_parses"] == 0
+    assert metrics["quarantined"] <= 8, metrics["failures"]
+    assert len(pd.read_parquet(VALIDATED_EXAMPLES)) == metrics["passed"]
+    assert (VALIDATION_REPORT / "index.html").is_file()
+
+
+def test_an_expectation_gx_cannot_evaluate_is_an_error_not_a_pass(workspace):
+    expectations = validate._build_expectations(3, 500, ["shop"], "by_question")
+    # question_chars holding text instead of a count: the between-expectation raises inside GX.
+    frame = pd.DataFrame({"example_id": ["a"], "db_id": ["shop"], "question": ["How many?"],
+                          "sql": ["SELECT 1"], "split": ["train"], "source": ["test"],
+                          "question_chars": ["nine"], "unique_db_question": [True], "sql_parses": [True],
+                          "sql_executes": [True]})
+
+    with pytest.raises(PipelineError, match=r"check question_length could not be evaluated on column "
+                                            r"question_chars: .*must either be None or of the same type"):
+        validate._run_suite(frame, expectations, workspace / "site", run_name="test")

@@ -18,8 +18,12 @@ from tests.conftest import REPO
 COMPOSE_FILE = REPO / "docker-compose.yml"
 ENV_EXAMPLE = REPO / ".env.example"
 # ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?err}, $VAR — but not $$ (a literal $ for the container).
-VARIABLE = re.compile(r"(?<!\$)\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?P<rest>[^}]*)\}|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))")
-AIRFLOW_SERVICES = ["airflow-init", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-worker"]
+VARIABLE = re.compile(
+    r"(?<!\$)\$(?:\{(?P<braced>[A-Za-z_][A-Za-z0-9_]*)(?P<rest>[^}]*)\}|(?P<bare>[A-Za-z_][A-Za-z0-9_]*))"
+)
+AIRFLOW_SERVICES = [
+    "airflow-init", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor", "airflow-worker"
+]
 
 
 def read_env_example() -> dict[str, str]:
@@ -58,7 +62,7 @@ def services(compose) -> dict:
 def test_every_interpolated_variable_is_in_env_example():
     referenced = {m.group("braced") or m.group("bare") for m in VARIABLE.finditer(COMPOSE_FILE.read_text())}
     missing = referenced - set(read_env_example())
-    assert not missing, f"{COMPOSE_FILE.name} uses variables missing from {ENV_EXAMPLE.name}: {sorted(missing)}"
+    assert not missing, f"{COMPOSE_FILE.name} uses variables not in {ENV_EXAMPLE.name}: {sorted(missing)}"
 
 
 def test_the_stack_has_every_component(services):
@@ -109,9 +113,9 @@ def test_depends_on_targets_exist_and_conditions_make_sense(services):
             assert target != name
             condition = spec["condition"]
             if condition == "service_healthy":
-                assert "healthcheck" in services[target], f"{name} waits for {target} to be healthy: no healthcheck"
+                assert "healthcheck" in services[target], f"{name} waits for {target}: it has no healthcheck"
             elif condition == "service_completed_successfully":
-                assert services[target].get("restart", "no") == "no", f"{target} is one-shot: restart must be no"
+                assert services[target].get("restart", "no") == "no", f"{target} is one-shot: restart: no"
             else:
                 assert condition == "service_started", f"{name}: unknown condition {condition}"
 

@@ -27,8 +27,9 @@ from tests.integration._tiny_model import CUSTOMERS, build_database, build_onnx_
 # each test is then well under a second.
 pytestmark = pytest.mark.slow
 
-READY_TIMEOUT_S = 240
-ADMIN_TOKEN = "test-admin-token"  # imports torch, transformers, optimum and mlflow on a shared 2-core machine
+READY_TIMEOUT_S = 240  # the server imports torch, transformers, optimum and mlflow on a shared machine
+ADMIN_TOKEN = "test-admin-token"
+RELOAD_INTERVAL_S = 10
 
 
 def _free_port() -> int:
@@ -38,8 +39,8 @@ def _free_port() -> int:
 
 
 def _params():
-    return make_tiny_params(serving={"reload_interval_s": 2, "num_beams": 2, "max_question_chars": 200,
-                                     "max_rows": 3})
+    return make_tiny_params(serving={"reload_interval_s": RELOAD_INTERVAL_S, "num_beams": 2,
+                                     "max_question_chars": 200, "max_rows": 3})
 
 
 def _promote(root: Path, value: float) -> dict:
@@ -189,8 +190,8 @@ def test_batch_endpoint_validates_its_items(server):
 
 
 def test_reload_needs_the_admin_token(server):
-    _assert_clean_error(server.post("/reload"), 403, "X-Admin-Token")
-    _assert_clean_error(server.post("/reload", headers={"X-Admin-Token": "wrong"}), 403, "X-Admin-Token")
+    _assert_clean_error(server.post("/reload"), 403, "authorization")
+    _assert_clean_error(server.post("/reload", headers={"X-Admin-Token": "wrong"}), 403, "authorization")
 
 
 def test_unknown_db_id_is_404(server):
@@ -228,13 +229,16 @@ def test_new_champion_is_served_without_restart(server, served_workspace):
 
     # Admin endpoint: a new champion is swapped in at once.
     assert _promote(served_workspace, 0.9)["alias"] == "champion"
-    reload = server.post("/reload", headers=admin)
-    assert reload.json() == {"model_version": "3", "previous_version": "1", "changed": True}
+    reload = server.post("/reload", headers=admin).json()
+    assert reload["model_version"] == "3"
+    # The background check may have won the race in the few ms since the alias moved; either way
+    # the new version is served as soon as /reload returns.
+    assert reload["changed"] or reload["previous_version"] == "3"
     assert server.post("/sql", json={"question": "names of customers", "db_id": "shop"}).json()["model_version"] == "3"
 
-    # Background check (serving.reload_interval_s = 2 here): no call to /reload needed.
+    # Background check every serving.reload_interval_s: no call to /reload needed.
     assert _promote(served_workspace, 0.95)["version"] == 4
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + RELOAD_INTERVAL_S + 60
     while True:
         version = server.post("/sql", json={"question": "names of customers", "db_id": "shop"}).json()["model_version"]
         if version == "4" or time.monotonic() > deadline:

@@ -8,12 +8,13 @@ import shutil
 
 import mlflow
 import pytest
-
 from conftest import EVAL_PAIRS, make_tiny_params
+
 from pipelines import evaluate, predict
 from pipelines.common.errors import PipelineError
 
-EVAL_OPTIONS = {"model": "student", "split": "test", "num_beams": 3, "max_new_tokens": 32, "max_examples": None}
+EVAL_OPTIONS = {"model": "student", "split": "test", "num_beams": 3, "max_new_tokens": 32,
+                "max_examples": None}
 
 
 @pytest.fixture
@@ -35,14 +36,15 @@ def test_dvc_mode_writes_metrics_predictions_plot_and_logs_to_the_training_run(e
     with mlflow.start_run(run_name="train") as train_run:
         pass
     (eval_copy / "metrics").mkdir()
-    (eval_copy / "metrics" / "train.json").write_text(json.dumps({"run_id": train_run.info.run_id}))
+    (eval_copy / "metrics" / "train.json").write_text(json.dumps({"mlflow_run_id": train_run.info.run_id}))
 
     summary = evaluate.main(params)
 
     metrics = json.loads((eval_copy / "metrics" / "eval.json").read_text())
     assert metrics == json.loads(json.dumps(summary))
     # The broken gold query is excluded from every rate and counted apart.
-    assert (metrics["n"], metrics["n_total"], metrics["n_gold_failed"]) == (len(EVAL_PAIRS), len(EVAL_PAIRS) + 1, 1)
+    n = len(EVAL_PAIRS)
+    assert (metrics["n"], metrics["n_total"], metrics["n_gold_failed"]) == (n, n + 1, 1)
     assert metrics["ex_greedy"] >= 0.8 and metrics["valid_sql_greedy"] >= 0.8
     # Execution-guided only replaces a top beam that fails to run, so it can never score below beam.
     assert metrics["ex_execution_guided"] >= metrics["ex_beam"]
@@ -70,7 +72,8 @@ def test_dvc_mode_writes_metrics_predictions_plot_and_logs_to_the_training_run(e
     run = mlflow.MlflowClient().get_run(train_run.info.run_id)
     assert run.data.metrics["ex_execution_guided"] == metrics["ex_execution_guided"]
     artifacts = {a.path for a in mlflow.MlflowClient().list_artifacts(train_run.info.run_id, "evaluation")}
-    assert {"evaluation/ex_by_hardness.png", "evaluation/predictions.jsonl", "evaluation/eval.json"} <= artifacts
+    expected = {"evaluation/ex_by_hardness.png", "evaluation/predictions.jsonl", "evaluation/eval.json"}
+    assert expected <= artifacts
 
 
 def test_dvc_mode_errors_before_any_work(eval_copy):
@@ -100,7 +103,8 @@ def test_cli_mode_on_an_ingested_folder(eval_workspace, tmp_path):
     ("spiderman:/no/such/folder", "dataset folder /no/such/folder not found"),
 ])
 def test_cli_mode_dataset_errors(eval_workspace, tmp_path, dataset, message):
-    argv = ["--model", str(eval_workspace / "models" / "student"), "--dataset", dataset, "--out", str(tmp_path)]
+    model = str(eval_workspace / "models" / "student")
+    argv = ["--model", model, "--dataset", dataset, "--out", str(tmp_path)]
     with pytest.raises(PipelineError, match=message):
         evaluate.evaluate_cli(argv)
 
@@ -170,3 +174,59 @@ def test_predict_cli_errors(eval_workspace, tmp_path):
         predict.main(["--model", str(tmp_path / "nomodel"), "--database", str(tmp_path), "question"])
     with pytest.raises(PipelineError, match="question is empty"):
         predict.main(["--model", model, "--database", str(tmp_path), "  "])
+
+
+@pytest.fixture
+def pg_shop():
+    """A throwaway PostgreSQL database holding the tiny shop tables (dropped afterwards)."""
+    import uuid
+
+    sa = pytest.importorskip("sqlalchemy")
+    name = f"nl2sql_predict_{uuid.uuid4().hex[:8]}"
+    admin = sa.create_engine("postgresql+psycopg2://postgres@127.0.0.1:5432/postgres",
+                             isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(f"CREATE DATABASE {name}")
+    except sa.exc.OperationalError as exc:
+        pytest.skip(f"local PostgreSQL not reachable: {exc}")
+    url = f"postgresql+psycopg2://postgres@127.0.0.1:5432/{name}"
+    engine = sa.create_engine(url)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("""
+            CREATE TABLE customers (customer_id INTEGER PRIMARY KEY, name TEXT NOT NULL, city TEXT);
+            INSERT INTO customers VALUES (1, 'Alice', 'Paris'), (2, 'Bob', 'Lyon'), (3, 'Chloe', 'Paris');
+            CREATE TABLE orders (order_id INTEGER PRIMARY KEY,
+                                 customer_id INTEGER REFERENCES customers(customer_id), amount REAL);
+            INSERT INTO orders VALUES (1, 1, 10.5), (2, 1, 3.0), (3, 3, 7.25);
+        """)
+    engine.dispose()
+    yield url
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    admin.dispose()
+
+
+@pytest.mark.postgres
+def test_predict_cli_on_postgresql(eval_workspace, pg_shop, capsys):
+    model = str(eval_workspace / "models" / "student")
+    assert predict.main(["--model", model, "--database", pg_shop, "--execute",
+                         "which customers live in paris?"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "select name from customers where city = 'Paris'"
+    assert sorted(lines[2:4]) == ["Alice", "Chloe"] and lines[-1] == "(2 rows)"
+
+
+@pytest.mark.slow
+def test_dvc_mode_on_the_trained_pipeline_workspace(trained_workspace, workspace):
+    """Evaluate the teacher the real ingest -> validate -> tokenize -> train stages produced."""
+    for folder in ("data", "models", "metrics"):
+        shutil.copytree(trained_workspace / folder, workspace / folder)
+    params = make_tiny_params(evaluate={"model": "teacher", "num_beams": 2, "max_examples": 4})
+    summary = evaluate.main(params)
+    assert summary["n_total"] == 4 and summary["n"] + summary["n_gold_failed"] == 4
+    assert len(read_jsonl(workspace / "reports" / "predictions.jsonl")) == 4
+    # This workspace's tracking store does not know the training run: the metrics go to a new run.
+    mlflow.set_tracking_uri(f"sqlite:///{workspace / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=[params.tracking.experiment], output_format="list")
+    assert [r.data.metrics["ex_execution_guided"] for r in runs] == [summary["ex_execution_guided"]]

@@ -6,8 +6,8 @@ import sqlite3
 
 import pytest
 import torch
-
 from conftest import EVAL_PAIRS
+
 from pipelines.common.errors import PipelineError
 from pipelines.common.generate import execution_guided, first_executable, generate
 from pipelines.common.model_io import load_for_generation

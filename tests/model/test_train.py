@@ -28,9 +28,9 @@ from pipelines.common.serialize import load_config
 torch.set_num_threads(1)
 
 
-def tokenized_workspace(workspace: Path, **overrides):
+def tokenized_workspace(workspace: Path, n_dev: int = 8, **overrides):
     params = make_tiny_params(**overrides)
-    write_tiny_tokenize_inputs(workspace)
+    write_tiny_tokenize_inputs(workspace, n_dev=n_dev)
     tokenize.main(params)
     return params
 
@@ -66,7 +66,7 @@ def test_scratch_training_writes_all_outputs_and_tracks_in_mlflow(workspace):
     assert "teacher/model.safetensors" in artifacts and "teacher/serialization.json" in artifacts
 
 
-def test_from_pretrained_local_tiny_checkpoint(workspace):
+def test_from_pretrained_local_tiny_checkpoint_without_dev_split(workspace):
     from transformers import AutoTokenizer, T5Config, T5ForConditionalGeneration
 
     # A "pretrained" checkpoint: a tiny T5 saved locally with its tokenizer, the layout of a hub download.
@@ -79,11 +79,14 @@ def test_from_pretrained_local_tiny_checkpoint(workspace):
     T5ForConditionalGeneration(config).save_pretrained(base)
     tokenizer.save_pretrained(base)
 
-    params = tokenized_workspace(workspace, model={"base": str(base)})
+    # No dev split: training runs without periodic evaluation or early stopping.
+    params = tokenized_workspace(workspace, n_dev=0, model={"base": str(base)})
     train.main(params)
     teacher = T5ForConditionalGeneration.from_pretrained(TEACHER)
     assert (teacher.config.d_model, teacher.config.num_heads, teacher.config.vocab_size) == (24, 3, len(tokenizer) + 8)
-    assert json.loads((METRICS / "train.json").read_text())["n_parameters"] == teacher.num_parameters()
+    metrics = json.loads((METRICS / "train.json").read_text())
+    assert metrics["n_parameters"] == teacher.num_parameters()
+    assert (metrics["dev_examples"], metrics["final_dev_loss"], metrics["stopped_by"]) == (0, None, "epochs")
 
 
 def test_tokenizer_model_mismatch_is_a_clear_error(workspace):
@@ -142,6 +145,7 @@ def test_empty_train_split_is_a_clear_error(workspace):
         train.main(make_tiny_params())
 
 
+@pytest.mark.slow  # a subprocess start (imports, MLflow store) plus two trainings: ~25 s CPU, more when loaded
 def test_resume_after_kill_continues_from_last_checkpoint(workspace):
     # Long enough (240 steps) that the kill lands mid-run; a checkpoint every 5 steps.
     params = tokenized_workspace(workspace, train={"epochs": 40, "eval_steps": 5, "max_train_minutes": 5.0,
@@ -182,6 +186,7 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.postgres
 def test_tracking_against_mlflow_server_backed_by_postgres(workspace, monkeypatch, tmp_path_factory):
     psycopg2 = pytest.importorskip("psycopg2")
@@ -199,11 +204,12 @@ def test_tracking_against_mlflow_server_backed_by_postgres(workspace, monkeypatc
     artifacts = tmp_path_factory.mktemp("mlflow-artifacts")
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-         f"postgresql://postgres@127.0.0.1:5432/{database}", "--artifacts-destination", str(artifacts),
+         f"postgresql+psycopg2://postgres@127.0.0.1:5432/{database}", "--artifacts-destination", str(artifacts),
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
     )
     uri = f"http://127.0.0.1:{port}"
+    # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; the project ships psycopg2, named explicitly above.
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -231,12 +237,21 @@ def test_tracking_against_mlflow_server_backed_by_postgres(workspace, monkeypatc
             cur.execute("SELECT count(*) FROM runs WHERE run_uuid = %s", (run.info.run_id,))
             assert cur.fetchone()[0] == 1
     finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=10)
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGTERM)
+            try:
+                server.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait(timeout=10)
         with admin.cursor() as cursor:
             cursor.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
         admin.close()
+
+
+@pytest.mark.slow  # ingest + validate (Great Expectations) + tokenize + train once per session
+def test_trained_workspace_fixture_runs_ingest_to_train(trained_workspace):
+    metrics = json.loads((trained_workspace / "metrics" / "train.json").read_text())
+    assert metrics["steps"] > 0 and metrics["train_examples"] > 0
+    assert (trained_workspace / "models" / "teacher" / "model.safetensors").is_file()
+    assert load_config(trained_workspace / "models" / "teacher").model_base == "scratch"

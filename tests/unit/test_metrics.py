@@ -82,7 +82,8 @@ def test_timeout_counts_as_prediction_error(db):
 
 
 def test_empty_results_match_and_truncation_must_agree(db):
-    assert verdict(db, "SELECT name FROM singer WHERE age > 99", "SELECT id FROM song WHERE id > 99") == m.CORRECT
+    nothing, nothing_else = "SELECT name FROM singer WHERE age > 99", "SELECT id FROM song WHERE id > 99"
+    assert verdict(db, nothing, nothing_else) == m.CORRECT
     assert m.execution_match("SELECT id FROM singer", "SELECT id FROM singer WHERE id < 3", db,
                              timeout_s=2, max_rows=2) == m.WRONG
 
@@ -97,15 +98,18 @@ def test_valid_sql_means_parses_and_executes(db):
 
 @pytest.mark.parametrize("predicted, gold", [
     # aliases, case, conjunct order, mirrored comparison, values
-    ("SELECT T1.name FROM singer AS T1 JOIN song AS T2 ON T1.id = T2.singer_id WHERE T2.title = 'A' AND T1.age < 30",
-     "select singer.name from song join singer on singer.id = song.singer_id where 40 > singer.age and song.title = 'B'"),
+    (("SELECT T1.name FROM singer AS T1 JOIN song AS T2 ON T1.id = T2.singer_id "
+      "WHERE T2.title = 'A' AND T1.age < 30"),
+     ("select singer.name from song join singer on singer.id = song.singer_id "
+      "where 40 > singer.age and song.title = 'B'")),
     ("SELECT name, age FROM singer", "SELECT age, name FROM singer"),
     ("SELECT name FROM singer", "SELECT T1.name FROM singer AS T1"),
     ("SELECT count(*) AS c, country FROM singer GROUP BY country ORDER BY c DESC LIMIT 1",
      "SELECT country, COUNT(*) FROM singer GROUP BY country ORDER BY count(*) DESC LIMIT 3"),
     ("SELECT name FROM singer WHERE id IN (SELECT singer_id FROM song WHERE title = 'A')",
      "SELECT name FROM singer WHERE id IN (SELECT T.singer_id FROM song AS T WHERE T.title = 'C')"),
-    ("SELECT name FROM singer UNION SELECT title FROM song", "SELECT title FROM song UNION SELECT name FROM singer"),
+    ("SELECT name FROM singer UNION SELECT title FROM song",
+     "SELECT title FROM song UNION SELECT name FROM singer"),
 ])
 def test_exact_set_match_equal(predicted, gold):
     assert m.exact_set_match(predicted, gold)
@@ -116,7 +120,8 @@ def test_exact_set_match_equal(predicted, gold):
     ("SELECT name FROM singer ORDER BY age", "SELECT name FROM singer ORDER BY age DESC"),
     ("SELECT name FROM singer WHERE id IN (SELECT singer_id FROM song)",
      "SELECT name FROM singer WHERE id NOT IN (SELECT singer_id FROM song)"),
-    ("SELECT name FROM singer EXCEPT SELECT title FROM song", "SELECT title FROM song EXCEPT SELECT name FROM singer"),
+    ("SELECT name FROM singer EXCEPT SELECT title FROM song",
+     "SELECT title FROM song EXCEPT SELECT name FROM singer"),
     ("SELECT name FROM singer WHERE age > 3", "SELECT name FROM singer WHERE age >= 3"),
     ("SELECT DISTINCT name FROM singer", "SELECT name FROM singer"),
     ("SELECT name FROM singer", "SELECT name FROM singer LIMIT 1"),
@@ -128,8 +133,8 @@ def test_exact_set_match_different(predicted, gold):
 
 def test_exact_match_values_optional_and_schema_resolves_unqualified_columns():
     assert m.exact_set_match("SELECT name FROM singer WHERE age = 1", "SELECT name FROM singer WHERE age = 2")
-    assert not m.exact_set_match("SELECT name FROM singer WHERE age = 1", "SELECT name FROM singer WHERE age = 2",
-                                 with_values=True)
+    one, two = "SELECT name FROM singer WHERE age = 1", "SELECT name FROM singer WHERE age = 2"
+    assert not m.exact_set_match(one, two, with_values=True)
     joined, qualified = ("SELECT name, title FROM singer JOIN song ON singer.id = song.singer_id",
                          "SELECT T1.name, T2.title FROM singer AS T1 JOIN song AS T2 ON T1.id = T2.singer_id")
     assert not m.exact_set_match(joined, qualified)  # without a schema `name` could belong to either table
@@ -146,7 +151,8 @@ def test_exact_match_values_optional_and_schema_resolves_unqualified_columns():
     ("SELECT max(budget_in_billions), min(budget_in_billions) FROM department", (0, 0, 2), "medium"),
     ("SELECT advisor, count(*) FROM Student GROUP BY advisor", (1, 0, 1), "medium"),
     ("SELECT amount FROM payment ORDER BY amount DESC LIMIT 1", (2, 0, 0), "medium"),
-    ("SELECT Status FROM city WHERE Population > 1500 INTERSECT SELECT Status FROM city WHERE Population < 500",
+    (("SELECT Status FROM city WHERE Population > 1500 "
+      "INTERSECT SELECT Status FROM city WHERE Population < 500"),
      (1, 1, 0), "hard"),
     # join (+1), where (+1), like (+1), or (+1); 2 select columns, 2 where conditions
     ("SELECT T1.a, T2.b FROM x AS T1 JOIN y AS T2 ON T1.id = T2.id WHERE T1.c LIKE '%q%' OR T2.d = 1",

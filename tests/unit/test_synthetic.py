@@ -47,7 +47,8 @@ def constructs(sql: str) -> set[str]:
             found.add("group_by_having" if select.args.get("having") else "group_by")
         if select.args.get("order") and select.args.get("limit"):
             found.add("order_by_limit")
-        if select.args.get("distinct") or any(isinstance(c.this, exp.Distinct) for c in select.find_all(exp.Count)):
+        counts_distinct = any(isinstance(c.this, exp.Distinct) for c in select.find_all(exp.Count))
+        if select.args.get("distinct") or counts_distinct:
             found.add("distinct")
         where = select.args.get("where")
         plain = not any(select.args.get(k) for k in ("where", "group", "order", "joins", "distinct"))
@@ -94,6 +95,8 @@ def test_human_readable_names():
     assert plural("order items") == "order items"
     assert plural("class") == "classes"
     assert plural("person") == "people"
+    assert plural("units in stock") == "units in stock"
+    assert plural("number of seats") == "numbers of seats"
 
 
 def _construct_counts(pairs: list[dict]) -> Counter:
@@ -201,11 +204,14 @@ def school(tmp_path_factory):
     subjects = ["Math", "Biology", "History", "Art", "Physics"]
     first = ["Ada", "Ben", "Cleo", "Dev", "Emil", "Fay", "Gus", "Hana", "Ivo", "June"]
     last = ["Stone", "Marsh", "Ortiz", "Keller", "Ng", "Price"]
-    conn.executemany("INSERT INTO Teacher VALUES (?, ?, ?, ?)",
-                     [(i, f"{first[i % 10]} {last[i % 6]}", subjects[i % 5], 2 + (i * 7) % 25) for i in range(1, 13)])
-    conn.executemany("INSERT INTO Student VALUES (?, ?, ?, ?, ?, ?)",
-                     [(i, f"{first[(i * 3) % 10]} {last[(i * 5) % 6]}", 9 + i % 4, round(2.0 + (i * 37 % 21) / 10, 1),
-                       f"202{i % 5}-0{1 + i % 9}-1{i % 10}", 1 + (i * 5) % 10) for i in range(1, 121)])
+    teachers = [(i, f"{first[i % 10]} {last[i % 6]}", subjects[i % 5], 2 + (i * 7) % 25)
+                for i in range(1, 13)]
+    # Homeroom teachers are 1..10: teachers 11 and 12 have no students, so NOT IN questions have answers.
+    students = [(i, f"{first[(i * 3) % 10]} {last[(i * 5) % 6]}", 9 + i % 4,
+                 round(2.0 + (i * 37 % 21) / 10, 1), f"202{i % 5}-0{1 + i % 9}-1{i % 10}", 1 + (i * 7) % 10)
+                for i in range(1, 121)]
+    conn.executemany("INSERT INTO Teacher VALUES (?, ?, ?, ?)", teachers)
+    conn.executemany("INSERT INTO Student VALUES (?, ?, ?, ?, ?, ?)", students)
     conn.commit()
     conn.close()
     return path, introspect(path, "school")
