@@ -28,6 +28,8 @@ from pipelines.common.tracking import (
     SERVING_MANIFEST,
     configure,
     ensure_registered_model,
+    flatten,
+    start_run,
     version_by_alias,
 )
 
@@ -104,20 +106,6 @@ def _params_sha256() -> str:
     return hashlib.sha256(PARAMS_FILE.read_bytes()).hexdigest() if PARAMS_FILE.is_file() else "defaults"
 
 
-def _flat_params(params: Params) -> dict[str, str]:
-    flat: dict[str, str] = {}
-
-    def walk(prefix: str, value: object) -> None:
-        if isinstance(value, dict):
-            for key, inner in value.items():
-                walk(f"{prefix}.{key}" if prefix else str(key), inner)
-        else:
-            flat[prefix] = str(value)
-
-    walk("", params.model_dump(by_alias=True))
-    return flat
-
-
 def _decide(
     client: MlflowClient, params: Params, new_value: float
 ) -> tuple[str, str, str | None]:
@@ -160,9 +148,9 @@ def main(params: Params) -> dict:
         "served_variant": variant,
         **_dvc_hashes(),
     }
-    with mlflow.start_run(run_name=f"promote-{name}") as run:
+    with start_run(f"promote-{name}") as run:
         mlflow.set_tags(tags)
-        mlflow.log_params(_flat_params(params))
+        mlflow.log_params(flatten(params.model_dump(by_alias=True)))
         mlflow.log_metrics(metrics)
         # One artifact tree = one registered version: every ONNX variant (each with its tokenizer and
         # serialization config), the evaluation metrics, and the manifest telling the service what to load.

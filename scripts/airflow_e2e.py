@@ -33,10 +33,17 @@ def tiny_params() -> dict:
 
 
 def registered_versions(tracking_uri: str, model_name: str) -> list[str]:
+    """Every version of the model, marking the one the champion alias points at."""
     from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
 
-    versions = MlflowClient(tracking_uri=tracking_uri).search_model_versions(f"name = '{model_name}'")
-    return [f"v{v.version} aliases={list(v.aliases)} run={v.run_id}" for v in versions]
+    client = MlflowClient(tracking_uri=tracking_uri)
+    versions = client.search_model_versions(f"name = '{model_name}'")
+    try:
+        champion = client.get_model_version_by_alias(model_name, "champion").version
+    except MlflowException:
+        champion = None
+    return [f"v{v.version}{' (champion)' if v.version == champion else ''} run={v.run_id}" for v in versions]
 
 
 def wait_for_asset_triggered_run(client, timeout_s: float, alive_check) -> str:

@@ -62,12 +62,15 @@ def ensure_postgres_database(url: str) -> None:
         host=parsed.host, port=parsed.port or 5432, user=parsed.username, password=parsed.password,
         dbname="postgres",
     )
+    # CREATE DATABASE cannot run in a transaction; psycopg2's `with connection` would open one.
     connection.autocommit = True
-    with connection, connection.cursor() as cursor:
-        cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (parsed.database,))
-        if cursor.fetchone() is None:
-            cursor.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(parsed.database)))
-    connection.close()
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1 FROM pg_database WHERE datname = %s", (parsed.database,))
+            if cursor.fetchone() is None:
+                cursor.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(parsed.database)))
+    finally:
+        connection.close()
 
 
 @dataclass
@@ -120,6 +123,10 @@ class LocalAirflow:
             "NL2SQL_PYTHON": self.python,
             "TOKENIZERS_PARALLELISM": "false",
         }
+        if db_url.startswith("postgresql"):
+            # Airflow's derived async URL needs asyncpg; psycopg 3 (installed) does sync and async.
+            async_url = "postgresql+psycopg://" + db_url.split("://", 1)[1]
+            values["AIRFLOW__DATABASE__SQL_ALCHEMY_CONN_ASYNC"] = async_url
         return {**os.environ, **values, **self.extra_env}
 
     def airflow(self, *args: str, **kwargs) -> subprocess.CompletedProcess:

@@ -236,6 +236,17 @@ def eval_workspace(tmp_path_factory) -> Path:
 # --- distill / export (issue 4) --------------------------------------------------------------------
 
 
+def relocate_mlflow_store(database: Path, old_root: Path, new_root: Path) -> None:
+    """A copied sqlite tracking store still points its experiments and runs at the original workspace's
+    artifact folders (absolute paths); point them at the copy so new runs never write into the original."""
+    import sqlite3
+
+    with sqlite3.connect(database) as connection:
+        for table, column in (("experiments", "artifact_location"), ("runs", "artifact_uri")):
+            connection.execute(f"UPDATE {table} SET {column} = replace({column}, ?, ?)",
+                               (str(old_root), str(new_root)))
+
+
 @pytest.fixture(scope="session")
 def exported_workspace(trained_workspace, tmp_path_factory) -> Path:
     """A copy of `trained_workspace` where distill and export also ran with make_tiny_params():
@@ -246,6 +257,7 @@ def exported_workspace(trained_workspace, tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("exported") / "workspace"
     shutil.copytree(trained_workspace, root)
+    relocate_mlflow_store(root / "mlflow.db", trained_workspace, root)
     params = make_tiny_params()
     with pytest.MonkeyPatch.context() as patch:
         patch.chdir(root)

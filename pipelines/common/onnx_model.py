@@ -47,6 +47,8 @@ def choose_provider(device: Literal["auto", "cpu", "cuda"] = "auto") -> str:
     import onnxruntime as ort
     import torch
 
+    if device not in ("auto", "cpu", "cuda"):
+        raise PipelineError(f"device {device!r}: expected auto, cpu or cuda")
     has_cuda = "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
     if device == "cuda" and not has_cuda:
         raise PipelineError(
@@ -54,8 +56,6 @@ def choose_provider(device: Literal["auto", "cpu", "cuda"] = "auto") -> str:
             f"{', '.join(ort.get_available_providers())}; torch sees a GPU: {torch.cuda.is_available()}); "
             "install onnxruntime-gpu on a CUDA machine or use 'auto' / 'cpu'"
         )
-    if device not in ("auto", "cpu", "cuda"):
-        raise PipelineError(f"device {device!r}: expected auto, cpu or cuda")
     return "CUDAExecutionProvider" if has_cuda and device != "cpu" else "CPUExecutionProvider"
 
 

@@ -201,6 +201,7 @@ def postgres_mlflow_server(workspace, monkeypatch):
 
 
 @pytest.mark.postgres
+@pytest.mark.slow  # 20 s on an idle machine, about a minute on the shared one (server start + migrations)
 def test_promote_gate_with_postgres_backed_server(postgres_mlflow_server, workspace):
     _promote_sequence_and_check(workspace)
     # The versions really live in PostgreSQL behind the server, not in a local file store.

@@ -98,6 +98,7 @@ def test_distill_stage_writes_student_and_comparison(exported_workspace, monkeyp
     mlflow.set_tracking_uri(f"sqlite:///{exported_workspace / 'mlflow.db'}")
     run = mlflow.get_run(metrics["mlflow_run_id"])
     assert run.data.tags["stage"] == "distill"
+    assert run.info.artifact_uri.startswith(str(exported_workspace)), "the copied store must log into the copy"
     assert "student_dev_ex" in run.data.metrics and "loss" in run.data.metrics
     assert run.data.params["distill.temperature"] == "2.0"
 

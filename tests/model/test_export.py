@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_tiny_params
+from conftest import make_tiny_params, relocate_mlflow_store
 from pipelines import export
 from pipelines.common.errors import PipelineError
 from pipelines.common.generate import generate
@@ -23,6 +23,7 @@ def trained_copy(trained_workspace, tmp_path, monkeypatch) -> Path:
     """A writable copy of trained_workspace as the current directory."""
     root = tmp_path / "ws"
     shutil.copytree(trained_workspace, root)
+    relocate_mlflow_store(root / "mlflow.db", trained_workspace, root)
     monkeypatch.chdir(root)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     return root

@@ -130,6 +130,25 @@ def test_cuda_without_gpu_fails_before_any_work(workspace, monkeypatch):
     assert time.monotonic() - started < 1
 
 
+def test_device_choice(monkeypatch):
+    from pipelines.common.device import choose_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert (choose_device("auto").device, choose_device("auto").bf16) == ("cpu", False)
+    assert choose_device("cpu", bf16=True).bf16 is True  # explicit bf16 on CPU is allowed (CPU autocast)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "NVIDIA H200")
+    choice = choose_device("auto")
+    assert (choice.device, choice.bf16, choice.name) == ("cuda", True, "cuda:0 NVIDIA H200")
+    assert choose_device("cpu").device == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: False)
+    assert choose_device("cuda").bf16 is False
+    with pytest.raises(PipelineError, match="train.bf16 is true but NVIDIA H200 has no bf16 support"):
+        choose_device("cuda", bf16=True)
+
+
 def test_empty_train_split_is_a_clear_error(workspace):
     from datasets import Dataset, load_from_disk
 
@@ -204,12 +223,11 @@ def test_tracking_against_mlflow_server_backed_by_postgres(workspace, monkeypatc
     artifacts = tmp_path_factory.mktemp("mlflow-artifacts")
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-         f"postgresql+psycopg2://postgres@127.0.0.1:5432/{database}", "--artifacts-destination", str(artifacts),
+         f"postgresql://postgres@127.0.0.1:5432/{database}", "--artifacts-destination", str(artifacts),
          "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
     )
     uri = f"http://127.0.0.1:{port}"
-    # SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3; the project ships psycopg2, named explicitly above.
     try:
         deadline = time.monotonic() + 120
         while True:
