@@ -9,6 +9,8 @@ BIN := $(VENV)/bin
 WHEELS ?= /opt/wheels
 PIP_FLAGS := $(if $(wildcard $(WHEELS)/*.whl),--find-links $(WHEELS),)
 
+# dvc.yaml's commands say `python`: the project's environment comes first on PATH.
+export PATH := $(abspath $(BIN)):$(PATH)
 export DVC_NO_ANALYTICS := 1
 export TOKENIZERS_PARALLELISM := false
 export GX_ANALYTICS_ENABLED := false
@@ -47,3 +49,24 @@ lock:
 
 clean:
 	rm -rf data/ingested data/validated data/tokenized models/* metrics plots reports checkpoints mlflow.db mlartifacts
+
+# --- services ----------------------------------------------------------------------------------
+.PHONY: serve bento airflow-up airflow-up-postgres airflow-e2e compose-config bench
+
+serve: setup           ## BentoML on :3000, serving models:/nl2sql@champion (NL2SQL_MODEL=models/onnx/int8 for a local export)
+	$(BIN)/bentoml serve serving.service:NL2SQL --port 3000
+
+bento: setup           ## package the service (code + params) as a bento; `bentoml containerize` needs Docker
+	$(BIN)/bentoml build -f serving/bentofile.yaml .
+
+airflow-up: setup      ## Airflow here (SQLite metadata in .airflow/): api-server + scheduler + dag-processor; prints UI + login
+	scripts/airflow_up.sh
+
+airflow-up-postgres: setup  ## the same with the metadata DB in the local PostgreSQL
+	scripts/airflow_up.sh --postgres
+
+airflow-e2e: setup     ## bounded real run: trigger nl2sql_retrain over the REST API on a tiny workspace, wait, stop
+	$(BIN)/python scripts/airflow_e2e.py
+
+compose-config:        ## static check of the compose stack (needs the docker compose plugin)
+	docker compose --env-file .env.example config --quiet

@@ -121,12 +121,25 @@ def evaluate_model(model, tokenizer, config, eval_set: EvalSet,
 
     examples = eval_set.examples
     log.info("serializing %d questions", len(examples))
+    values = {}
+    if config.serialization.schema_linking and config.serialization.linking_values:
+        from pipelines.common.schema_linking import value_indexes
+
+        values = value_indexes(eval_set.schemas, eval_set.targets, config.serialization.linking_values)
     inputs = [
         serialize(row.question, eval_set.schemas[row.db_id], config.serialization,
-                  max_tokens=config.max_source_length, count_tokens=count_tokens)
+                  max_tokens=config.max_source_length, count_tokens=count_tokens,
+                  value_index=values.get(row.db_id))
         for row in examples.itertuples()
     ]
     run = {"timeout_s": options.sql_timeout_s, "max_rows": options.max_rows}
+    masks = None
+    if options.constrained:
+        from pipelines.common.constrained import VocabularyText, allowed_mask, allowed_words
+
+        vocabulary = VocabularyText(tokenizer)
+        masks = [allowed_mask(vocabulary, allowed_words(row.question, eval_set.schemas[row.db_id]),
+                              model.config.vocab_size) for row in examples.itertuples()]
 
     log.info("running %d gold queries", len(examples))
     gold_runs = [m.run_query(eval_set.targets[row.db_id], row.sql, **run) for row in examples.itertuples()]
@@ -134,16 +147,17 @@ def evaluate_model(model, tokenizer, config, eval_set: EvalSet,
     log.info("greedy decoding (batch %d)", GREEDY_BATCH_SIZE)
     greedy = [c[0] for c in generate(model, tokenizer, inputs, num_beams=1,
                                      max_new_tokens=options.max_new_tokens, batch_size=GREEDY_BATCH_SIZE,
-                                     max_source_length=config.max_source_length)]
+                                     max_source_length=config.max_source_length, allowed=masks)]
 
     log.info("beam search (%d beams) + execution-guided selection, batch 1, timed", options.num_beams)
     beams, guided, latencies = [], [], []
-    for text, row in tqdm(list(zip(inputs, examples.itertuples())), desc="beam + execution-guided", unit="ex",
-                          disable=len(inputs) < 20):
+    for position, (text, row) in enumerate(tqdm(list(zip(inputs, examples.itertuples())),
+                                                desc="beam + execution-guided", unit="ex", disable=len(inputs) < 20)):
         start = time.perf_counter()
         candidates = generate(model, tokenizer, [text], num_beams=options.num_beams,
                               num_return_sequences=options.num_beams, max_new_tokens=options.max_new_tokens,
-                              batch_size=1, max_source_length=config.max_source_length, progress=False)[0]
+                              batch_size=1, max_source_length=config.max_source_length, progress=False,
+                              allowed=None if masks is None else [masks[position]])[0]
         chosen = first_executable(candidates, eval_set.targets[row.db_id], timeout_s=options.sql_timeout_s)
         latencies.append((time.perf_counter() - start) * 1000)
         beams.append(candidates)

@@ -493,6 +493,46 @@ def count_gold_executing(examples: list[Example], resolve) -> tuple[int, list[di
     return executing, failures
 
 
+def synthetic_train_examples(params: Params, loaded: Loaded, examples: list[Example], splits: list[str],
+                             out: Path) -> list[Example]:
+    """`ingest.synthetic_ratio` schema-driven pairs per human train pair of each train-side database
+    (`synthetic.generate_pairs`), for the train split only. A pair is dropped when its question is a dev/test
+    question (any database) or its SQL a dev/test query of the same database, so held-out questions are never
+    trained on, and when it repeats a human question of its database (validate rejects repeats)."""
+    from collections import Counter
+
+    from pipelines.common.synthetic import generate_pairs
+
+    def normal(question: str) -> str:
+        # The same key as validate's repeat check: case and spacing do not make a new question.
+        return " ".join(question.split()).casefold()
+
+    held_out = [e for e, split in zip(examples, splits) if split != "train"]
+    held_questions = {normal(e.question) for e in held_out}
+    held_sql = {(e.db_id, e.sql) for e in held_out}
+    human_questions = {(e.db_id, normal(e.question)) for e in examples}
+    train_counts = Counter(e.db_id for e, split in zip(examples, splits) if split == "train")
+    synthetic: list[Example] = []
+    for db_id, n_human in tqdm(sorted(train_counts.items()), desc="synthetic pairs", unit="db", mininterval=10):
+        wanted = round(params.ingest.synthetic_ratio * n_human)
+        if wanted == 0:
+            continue
+        try:
+            pairs = generate_pairs(loaded.snapshots[db_id], _live_target(loaded.targets[db_id], out), wanted,
+                                   params.seed)
+        except PipelineError as exc:
+            log.warning("%s: no synthetic pairs: %s", db_id, exc)
+            continue
+        kept = [p for p in pairs if normal(p["question"]) not in held_questions
+                and (db_id, p["sql"]) not in held_sql and (db_id, normal(p["question"])) not in human_questions]
+        for position, pair in enumerate(kept):
+            synthetic.append(Example(db_id, pair["question"], pair["sql"], origin=f"synthetic:{db_id}:{position}",
+                                     example_id=f"{db_id}-syn{position:05d}"))
+    log.info("added %d synthetic train pairs (ratio %.2f) over %d databases", len(synthetic),
+             params.ingest.synthetic_ratio, len(train_counts))
+    return synthetic
+
+
 # --- stage --------------------------------------------------------------------------------------
 
 LOADERS = {"demo": load_demo, "spiderman": load_spiderman, "spider": load_spider, "custom": load_custom}
@@ -515,6 +555,11 @@ def main(params: Params) -> dict:
         log.info("executing %d gold queries", len(examples))
         executing, failures = count_gold_executing(
             examples, lambda db_id: _live_target(loaded.targets[db_id], out))
+        human = len(examples)
+        if cfg.synthetic_ratio > 0:
+            synthetic = synthetic_train_examples(params, loaded, examples, splits, out)
+            examples, splits = examples + synthetic, splits + ["train"] * len(synthetic)
+            loaded.notes["synthetic_train_examples"] = len(synthetic)
 
         frame = pd.DataFrame({
             "example_id": [e.example_id for e in examples],
@@ -522,7 +567,7 @@ def main(params: Params) -> dict:
             "question": [e.question for e in examples],
             "sql": [e.sql for e in examples],
             "split": splits,
-            "source": cfg.source,
+            "source": [cfg.source] * human + ["synthetic"] * (len(examples) - human),
         })
         frame.to_parquet(out / INGESTED_EXAMPLES.relative_to(INGESTED), index=False)
         for db_id, snapshot in loaded.snapshots.items():

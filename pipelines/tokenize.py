@@ -17,7 +17,7 @@ from pipelines.common.cli import run_stage
 from pipelines.common.errors import PipelineError
 from pipelines.common.io import atomic_dir, write_json
 from pipelines.common.params import Params
-from pipelines.common.paths import INGESTED_SCHEMAS, TOKENIZED, TOKENIZER, VALIDATED_EXAMPLES
+from pipelines.common.paths import DATABASES_INDEX, INGESTED_SCHEMAS, TOKENIZED, TOKENIZER, VALIDATED_EXAMPLES
 from pipelines.common.schema import SchemaSnapshot
 from pipelines.common.serialize import SerializationConfig, save_config, serialize, serialize_target
 
@@ -153,10 +153,11 @@ def main(params: Params) -> None:
     cfg = params.tokenize.serialization
     max_source, max_target = params.tokenize.max_source_length, params.tokenize.max_target_length
 
+    values = linking_value_indexes(schemas, cfg)
     targets = [serialize_target(sql, cfg) for sql in examples["sql"]]
     is_train = (examples["split"] == "train").to_numpy()
     untruncated = [
-        serialize(q, schemas[db], cfg)
+        serialize(q, schemas[db], cfg, value_index=values.get(db))
         for q, db in tqdm(
             zip(examples["question"], examples["db_id"]), total=len(examples), desc="serialize", mininterval=5
         )
@@ -176,7 +177,8 @@ def main(params: Params) -> None:
         zip(untruncated, examples["question"], examples["db_id"]), total=len(examples), desc="fit", mininterval=5
     ):
         if count_tokens(text) > max_source:
-            text = serialize(question, schemas[db], cfg, max_tokens=max_source, count_tokens=count_tokens)
+            text = serialize(question, schemas[db], cfg, max_tokens=max_source, count_tokens=count_tokens,
+                             value_index=values.get(db))
             n_shortened += 1
             # Still too long (a long question over a big schema): the tokenizer cuts the tail below.
             n_cut_sources += count_tokens(text) > max_source
@@ -212,6 +214,18 @@ def main(params: Params) -> None:
         tokenizer.save_pretrained(str(tmp))
     log.info("tokenized %s; vocab %d; %d inputs shortened by the truncation policy", stats["examples"],
              len(tokenizer), n_shortened)
+
+
+def linking_value_indexes(schemas: dict[str, SchemaSnapshot], cfg) -> dict:
+    """Per-database value indexes for schema linking (read-only queries on data/ingested's databases);
+    empty when linking is off."""
+    if not cfg.schema_linking or cfg.linking_values == 0:
+        return {}
+    from pipelines.common.databases import resolve
+    from pipelines.common.schema_linking import value_indexes
+
+    targets = {db: resolve(db, DATABASES_INDEX) for db in schemas}
+    return value_indexes(schemas, targets, cfg.linking_values)
 
 
 def build_dataset_dict(examples: pd.DataFrame, source, target):

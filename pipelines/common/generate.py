@@ -4,6 +4,8 @@ so greedy output means the same thing everywhere.
 
 - `generate`: greedy (`num_beams=1`) or beam search, `num_return_sequences` candidates per input, best first.
   Inputs are batched by length (less padding), results come back in input order.
+- `allowed`: optional per-input boolean masks over the vocabulary (`common/constrained.py`): tokens outside
+  the mask are never generated (constrained decoding), for greedy and beam search alike.
 - `execution_guided`: of a list of candidates, the first that is a single SELECT and executes without error
   on the database (read-only, time-limited), else the top candidate.
 """
@@ -41,6 +43,7 @@ def generate(
     batch_size: int = 16,
     max_source_length: int | None = None,
     progress: bool | None = None,
+    allowed: Sequence[torch.Tensor] | None = None,
 ) -> list[list[str]]:
     """`num_return_sequences` decoded strings per input (best first), for each input in order.
 
@@ -75,7 +78,15 @@ def generate(
                 max_length=max_source_length,
             )
             encoded = {k: v.to(device) for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
-            sequences = model.generate(**encoded, **generation_options)
+            constraint = {}
+            if allowed is not None:
+                from transformers import LogitsProcessorList
+
+                from pipelines.common.constrained import AllowedTokensProcessor
+
+                masks = torch.stack([allowed[i] for i in batch])
+                constraint["logits_processor"] = LogitsProcessorList([AllowedTokensProcessor(masks, num_beams)])
+            sequences = model.generate(**encoded, **generation_options, **constraint)
             texts = tokenizer.batch_decode(sequences, skip_special_tokens=True,
                                            clean_up_tokenization_spaces=False)
             for position, index in enumerate(batch):

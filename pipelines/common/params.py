@@ -36,6 +36,8 @@ class IngestParams(Section):
     test_fraction: float = Field(0.1, ge=0, lt=1)
     sample_values: int = Field(3, ge=0)
     max_examples: int | None = Field(None, ge=1)
+    # Schema-driven synthetic pairs (common/synthetic.py) per human train pair, train split only; 0 = off.
+    synthetic_ratio: float = Field(0.0, ge=0)
     demo: DemoParams = DemoParams()
     custom: CustomParams = CustomParams()
 
@@ -56,6 +58,13 @@ class SerializationParams(Section):
     include_keys: bool = True
     sample_values: int = Field(0, ge=0)
     lowercase: bool = True
+    # Schema linking (issue 7, pipelines/common/schema_linking.py): matched items first and marked with `*`,
+    # matched cell values attached to their column, the rest pruned. Off keeps the text byte-identical.
+    schema_linking: bool = False
+    linking_values: int = Field(200, ge=0)  # most frequent values per text column indexed from the database
+    linking_max_values: int = Field(3, ge=1)  # matched values written per column
+    linking_max_tables: int | None = Field(None, ge=1)  # keep at most this many tables (best first); null = all
+    linking_max_columns: int | None = Field(None, ge=0)  # per table, unmatched non-key columns beyond this go
 
 
 class TokenizeParams(Section):
@@ -119,6 +128,8 @@ class EvaluateParams(Section):
     sql_timeout_s: float = Field(5.0, gt=0)
     max_rows: int = Field(10000, ge=1)
     max_examples: int | None = Field(None, ge=1)
+    # Constrained decoding (common/constrained.py): only SQL words, this schema's names and the question's words.
+    constrained: bool = False
 
 
 class PromoteParams(Section):

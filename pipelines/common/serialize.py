@@ -17,6 +17,12 @@ Truncation (when `max_tokens` and `count_tokens` are given): the question is nev
 by lexical overlap with the question and the least relevant go first, until the text fits:
 sample values, then unmatched columns of unmatched tables, then unmatched tables, then unmatched columns of
 matched tables. Whatever still does not fit is cut by the tokenizer's own truncation (schema tail first).
+
+Schema linking (`schema_linking: true`, see `pipelines/common/schema_linking.py`): tables and columns are
+scored by `link_schema` (names and cell values, plus an optional database `value_index`) instead of plain
+word overlap; matched tables and columns come first and are marked `*`, a column's matched values follow as
+SQL literals (`*city (text, = 'Paris')`), tables beyond `linking_max_tables` and unmatched non-key columns
+beyond `linking_max_columns` per table are pruned before any truncation. Off, the text is unchanged.
 The serialization config (these options + max lengths) is saved as `serialization.json` beside every model.
 """
 
@@ -151,6 +157,8 @@ class _Column:
     score: float
     show_samples: bool = True
     kept: bool = True
+    marked: bool = False  # schema linking found it in the question
+    matched_values: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -159,13 +167,16 @@ class _Table:
     score: float
     columns: list[_Column] = field(default_factory=list)
     kept: bool = True
+    marked: bool = False
 
     @property
     def matched(self) -> bool:
         return self.score > 0 or any(c.score > 0 for c in self.columns)
 
 
-def _prepare(question: str, schema: Any, cfg: SerializationParams) -> list[_Table]:
+def _prepare(question: str, schema: Any, cfg: SerializationParams, value_index=None) -> list[_Table]:
+    if cfg.schema_linking:
+        return _prepare_linked(question, schema, cfg, value_index)
     question_words = {_stem(w) for w in _WORD.findall(question)}
     question_lower = question.lower()
     tables = []
@@ -182,6 +193,45 @@ def _prepare(question: str, schema: Any, cfg: SerializationParams) -> list[_Tabl
             )
         tables.append(prepared)
     return tables
+
+
+def _prepare_linked(question: str, schema: Any, cfg: SerializationParams, value_index) -> list[_Table]:
+    from pipelines.common.schema_linking import link_schema
+
+    links = link_schema(question, schema, value_index, max_values=cfg.linking_max_values)
+    key_columns = {(fk.table.lower(), fk.column.lower()) for fk in getattr(schema, "foreign_keys", None) or []}
+    key_columns |= {(fk.ref_table.lower(), fk.ref_column.lower()) for fk in getattr(schema, "foreign_keys", None) or []}
+    tables = []
+    for table in schema.tables:
+        prepared = _Table(table.name, links.table_score(table.name))
+        # Marked only on real evidence: a generic column name alone ("name") gives a table 0.25.
+        prepared.marked = prepared.score >= 0.5
+        for column in table.columns:
+            score = links.column_score(table.name, column.name)
+            prepared.columns.append(_Column(
+                column.name, coarse_type(column.type), bool(column.primary_key),
+                [str(s) for s in (column.samples or [])][: cfg.sample_values], score, marked=score > 0,
+                matched_values=links.column_values(table.name, column.name)))
+        # Matched columns first (stable, so unmatched ones keep the schema's order with the key in front).
+        kept_unmatched = 0
+        ordered = sorted(prepared.columns, key=lambda c: -c.score)
+        for column in ordered:
+            if column.marked or column.primary_key or (table.name.lower(), column.name.lower()) in key_columns:
+                continue
+            kept_unmatched += 1
+            column.kept = cfg.linking_max_columns is None or kept_unmatched <= cfg.linking_max_columns
+        prepared.columns = [c for c in ordered if c.kept]
+        tables.append(prepared)
+    # A table joined by a foreign key to a mentioned one is the likeliest missing link of a join.
+    marked_names = {t.name.lower() for t in tables if t.marked}
+    for fk in getattr(schema, "foreign_keys", None) or []:
+        for here, there in ((fk.table, fk.ref_table), (fk.ref_table, fk.table)):
+            if there.lower() in marked_names:
+                for table in tables:
+                    if table.name.lower() == here.lower() and not table.marked:
+                        table.score = max(table.score, 0.1)
+    tables = sorted(tables, key=lambda t: -t.score)
+    return tables[: cfg.linking_max_tables] if cfg.linking_max_tables is not None else tables
 
 
 def _removal_steps(tables: list[_Table]) -> list[Callable[[], None]]:
@@ -226,11 +276,14 @@ def _render(question: str, tables: list[_Table], foreign_keys: list[Any], cfg: S
                 details.append(column.type)
             if cfg.include_keys and column.primary_key:
                 details.append("pk")
+            if column.matched_values:
+                # As SQL literals, so the model copies the exact value (case and quotes included).
+                details.append("= " + " / ".join("'" + v.replace("'", "''") + "'" for v in column.matched_values))
             if column.show_samples and column.samples:
                 details.append("values: " + " / ".join(" ".join(s.split()) for s in column.samples))
-            text = case(column.name)
+            text = ("*" if column.marked else "") + case(column.name)
             items.append(f"{text} ({', '.join(details)})" if details else text)
-        rendered_tables.append(f"{case(table.name)}: {', '.join(items)}")
+        rendered_tables.append(f"{'*' if table.marked else ''}{case(table.name)}: {', '.join(items)}")
     parts = [f"question: {case(' '.join(question.split()))}", "schema: " + " ; ".join(rendered_tables)]
     if cfg.include_keys:
         links = [
@@ -250,20 +303,22 @@ def serialize(
     cfg: SerializationParams,
     max_tokens: int | None = None,
     count_tokens: Callable[[str], int] | None = None,
+    value_index: dict | None = None,
 ) -> str:
     """Model input for `question` over `schema` (a `SchemaSnapshot` or anything with the same attributes).
 
     With `max_tokens` and `count_tokens` (text -> token count, special tokens included), the least relevant
-    schema items are dropped until the text fits; see the module docstring for the order."""
+    schema items are dropped until the text fits; see the module docstring for the order. `value_index`
+    (`schema_linking.value_index_for`) adds the database's own values to the linking evidence."""
     foreign_keys = list(getattr(schema, "foreign_keys", None) or [])
-    tables = _prepare(question, schema, cfg)
+    tables = _prepare(question, schema, cfg, value_index)
     text = _render(question, tables, foreign_keys, cfg)
     if max_tokens is None or count_tokens is None or count_tokens(text) <= max_tokens:
         return text
     n_steps = len(_removal_steps(tables))
 
     def render_after(k: int) -> str:
-        fresh = _prepare(question, schema, cfg)
+        fresh = _prepare(question, schema, cfg, value_index)
         for step in _removal_steps(fresh)[:k]:
             step()
         return _render(question, fresh, foreign_keys, cfg)

@@ -1,0 +1,170 @@
+"""Accuracy ablation (issue 7): the real stages once per lever, one table.
+
+    python bench/accuracy.py --dataset spiderman:/work/shared/datasets/spiderman --split-mode by_question \\
+        --train-minutes 30 [--levers baseline,linking,synthetic,constrained,all] [--max-examples N] [--eval-examples N]
+    python bench/accuracy.py --dataset demo --train-minutes 2 --levers baseline,linking
+
+Each row runs ingest -> validate -> tokenize -> train -> evaluate (on the teacher, `evaluate.split`) with
+params.yaml's settings in a fresh temporary workspace (its own MLflow sqlite), with one lever switched on:
+- baseline: params.yaml as it is, with every lever below forced off;
+- linking: `tokenize.serialization.schema_linking: true` (plus params.yaml's linking knobs);
+- synthetic: `ingest.synthetic_ratio` = `--synthetic-ratio` (default 1.0);
+- constrained: `evaluate.constrained: true`; decoding only, so it re-evaluates the baseline row's model
+  (its tokenize/train figures are the baseline's) when a baseline row ran before it, else trains its own;
+- all: every lever above together.
+Training gets `--train-minutes` of wall clock (`train.max_train_minutes`) and `--epochs` (default params.yaml's;
+the learning-rate schedule is planned over the epochs, so pick them to roughly fill the budget); tokenization and evaluation are timed separately. The table shows EX for greedy / beam /
+execution-guided decoding, valid-SQL rate (execution-guided), EX per Spider hardness (execution-guided), mean
+tokens per input, training examples/s and the times; the JSON of every row goes to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from pipelines.common.errors import PipelineError  # noqa: E402
+from pipelines.common.metrics import HARDNESS_LEVELS  # noqa: E402
+from pipelines.common.params import Params, load_params  # noqa: E402
+
+LEVERS = ("baseline", "linking", "synthetic", "constrained", "all")
+
+
+def row_params(base: Params, lever: str, args: argparse.Namespace) -> Params:
+    """params.yaml with the dataset, budget and exactly this row's levers applied."""
+    raw = base.model_dump(by_alias=True)
+    source, _, path = args.dataset.partition(":")
+    raw["ingest"].update(source=source, path=path or None, split_mode=args.split_mode,
+                         max_examples=args.max_examples, synthetic_ratio=0.0)
+    raw["tokenize"]["serialization"]["schema_linking"] = False
+    raw["train"]["max_train_minutes"] = args.train_minutes
+    if args.epochs is not None:
+        raw["train"]["epochs"] = args.epochs
+    raw["evaluate"].update(model="teacher", max_examples=args.eval_examples)
+    if lever in ("linking", "all"):
+        raw["tokenize"]["serialization"]["schema_linking"] = True
+    if lever in ("synthetic", "all"):
+        raw["ingest"]["synthetic_ratio"] = args.synthetic_ratio
+    raw["evaluate"]["constrained"] = lever in ("constrained", "all")
+    return Params.model_validate(raw)
+
+
+def run_row(params: Params, workspace: Path, evaluate_only: bool = False) -> dict:
+    """The real stages in `workspace` (only evaluate when `evaluate_only`: the workspace already holds a
+    trained model); returns the row's figures."""
+    from pipelines import evaluate, ingest, tokenize, train, validate
+
+    stages = [("ingest", ingest), ("validate", validate), ("tokenize", tokenize), ("train", train)]
+    times = {}
+    os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workspace / 'mlflow.db'}"
+    with contextlib.chdir(workspace):
+        for name, stage in ([] if evaluate_only else stages) + [("eval", evaluate)]:
+            started = time.monotonic()
+            summary = stage.main(params)
+            times[name] = round(time.monotonic() - started, 1)
+        stats = json.loads(Path("data/tokenized/stats.json").read_text())
+        train_metrics = json.loads(Path("metrics/train.json").read_text())
+    return {"eval": summary, "tokenize_stats": stats, "train": train_metrics, "times_s": times}
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}"
+
+
+def table(rows: list[dict]) -> str:
+    header = ["row", "EX greedy", "EX beam", "EX exec-guided", "valid SQL", *(f"EX {h}" for h in HARDNESS_LEVELS),
+              "n test", "train ex", "tokens/input", "train ex/s", "tokenize s", "train s", "eval s"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        e, t = row["eval"], row["train"]
+        cells = [row["lever"], _pct(e["ex_greedy"]), _pct(e["ex_beam"]), _pct(e["ex_execution_guided"]),
+                 _pct(e["valid_sql"]),
+                 *(f"{_pct(e.get(f'ex_{h}'))} (n={e.get(f'n_{h}', 0)})" for h in HARDNESS_LEVELS),
+                 str(e["n"]), str(row["tokenize_stats"]["examples"]["train"]),
+                 str(row["tokenize_stats"]["mean_source_tokens"]), str(t.get("examples_per_s")),
+                 str(row["times_s"]["tokenize"]), str(t.get("train_time_s", row["times_s"]["train"])),
+                 str(row["times_s"]["eval"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python bench/accuracy.py", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--dataset", required=True,
+                        help="demo, or SOURCE:PATH with SOURCE spiderman | spider (e.g. spiderman:../shared/datasets/spiderman)")
+    parser.add_argument("--split-mode", choices=("by_question", "by_database"), default="by_question")
+    parser.add_argument("--train-minutes", type=float, default=30.0, help="training wall-clock budget per row")
+    parser.add_argument("--epochs", type=float, help="train.epochs (default: params.yaml's)")
+    parser.add_argument("--levers", default=",".join(LEVERS), help=f"comma-separated rows among {', '.join(LEVERS)}")
+    parser.add_argument("--synthetic-ratio", type=float, default=1.0, help="ingest.synthetic_ratio of the synthetic rows")
+    parser.add_argument("--max-examples", type=int, help="ingest.max_examples (a seeded subset of the dataset)")
+    parser.add_argument("--eval-examples", type=int, help="evaluate.max_examples (default: the whole split)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the issue's budget: 2 cores)")
+    parser.add_argument("--params", default=str(REPO / "params.yaml"))
+    parser.add_argument("--out", default=str(REPO / "bench" / "results" / "accuracy.json"))
+    args = parser.parse_args(argv)
+    levers = [lever.strip() for lever in args.levers.split(",") if lever.strip()]
+    unknown = [lever for lever in levers if lever not in LEVERS]
+    if unknown or not levers:
+        parser.error(f"--levers: unknown {', '.join(unknown) or '(none given)'}; choose among {', '.join(LEVERS)}")
+    source, sep, path = args.dataset.partition(":")
+    if source != "demo" and (source not in ("spiderman", "spider") or not sep or not Path(path).is_dir()):
+        parser.error(f"--dataset {args.dataset!r}: expected demo or spiderman:PATH / spider:PATH to a folder")
+    if source == "demo" and args.split_mode == "by_database":
+        parser.error("--dataset demo has one database; by_database needs several")
+    args.levers = levers
+    return args
+
+
+def main(argv: list[str]) -> int:
+    import logging
+
+    import torch
+
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    base = load_params(args.params)
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="nl2sql-bench-") as tmp:
+        for lever in args.levers:
+            params = row_params(base, lever, args)
+            print(f"== {lever}: {args.dataset} {args.split_mode}, {args.train_minutes} min training", flush=True)
+            baseline = Path(tmp) / "baseline"
+            reuse = lever == "constrained" and baseline.is_dir()
+            workspace = baseline if reuse else Path(tmp) / lever
+            workspace.mkdir(exist_ok=True)
+            try:
+                figures = run_row(params, workspace, evaluate_only=reuse)
+            except PipelineError as exc:
+                print(f"{lever}: failed: {exc}", file=sys.stderr)
+                return 2
+            if reuse:
+                figures["times_s"].update({k: v for k, v in rows[[r["lever"] for r in rows].index("baseline")]
+                                           ["times_s"].items() if k != "eval"})
+            rows.append({"lever": lever + (" (baseline model)" if reuse else ""), **figures})
+            print(table(rows[-1:]), flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    report = {"command": "python bench/accuracy.py " + " ".join(argv), "dataset": args.dataset,
+              "split_mode": args.split_mode, "train_minutes": args.train_minutes, "threads": args.threads,
+              "rows": rows}
+    out.write_text(json.dumps(report, indent=2, default=str) + "\n")
+    print(f"\n{args.dataset} {args.split_mode}, {args.train_minutes} min training per row, "
+          f"{args.threads} thread(s); EX/valid in %, execution-guided unless marked\n")
+    print(table(rows))
+    print(f"\nrows as JSON: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
