@@ -21,16 +21,15 @@ import json
 import os
 import random
 import re
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
+
+from pipelines.common.services import ServiceStartError, free_port, http_service
 
 REPO = Path(__file__).resolve().parents[1]
 REQUEST_TIMEOUT_S = 60.0
@@ -55,12 +54,6 @@ class ModeResult:
         return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def load_requests(args: argparse.Namespace) -> list[dict]:
     """Request bodies for POST /sql: (question, db_id) pairs the service can answer."""
     if args.questions:
@@ -79,7 +72,7 @@ def load_requests(args: argparse.Namespace) -> list[dict]:
 @contextlib.contextmanager
 def running_service(args: argparse.Namespace, batching: bool, log_path: Path):
     """A `bentoml serve` subprocess on a free loopback port; yields its base URL, always stopped after."""
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
@@ -88,33 +81,14 @@ def running_service(args: argparse.Namespace, batching: bool, log_path: Path):
         "NL2SQL_DATABASES": str(Path(args.databases).resolve()),
         "NL2SQL_PARAMS": str(Path(args.params).resolve()),
     }
-    with log_path.open("w") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "serving.service:NL2SQL", "--host", "127.0.0.1",
-             "--port", str(port), "--working-dir", str(REPO)],
-            env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-        )
     base = f"http://127.0.0.1:{port}"
+    argv = [sys.executable, "-m", "bentoml", "serve", "serving.service:NL2SQL", "--host", "127.0.0.1",
+            "--port", str(port), "--working-dir", str(REPO)]
     try:
-        deadline = time.monotonic() + args.startup_timeout
-        while True:
-            if process.poll() is not None:
-                sys.exit(f"service exited {process.returncode} during startup; see {log_path}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                sys.exit(f"service not ready within {args.startup_timeout} s; see {log_path}")
-            time.sleep(1)
-        yield base
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+        with http_service(argv, f"{base}/readyz", log_path, env=env, startup_timeout_s=args.startup_timeout):
+            yield base
+    except ServiceStartError as exc:
+        sys.exit(f"the service did not start: {exc}")
 
 
 def _batch_histogram(text: str) -> tuple[float, float]:

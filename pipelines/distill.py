@@ -54,6 +54,7 @@ from pipelines.train import (
     load_inputs,
     loss_curve_csv,
     prepare_checkpoints,
+    stop_reason,
     trainer_state_step,
 )
 
@@ -276,12 +277,7 @@ def main(params: Params) -> dict:
             save_config(tmp, serialization)
 
         comparison = compare(trainer.model, teacher, tokenizer, serialization, params) if has_dev else {}
-        if budget.fired:
-            stopped_by = "time_budget"
-        elif state.global_step < state.max_steps:
-            stopped_by = "early_stopping"
-        else:
-            stopped_by = "epochs"
+        stopped_by = stop_reason(budget, state)
         metrics = {
             "mlflow_run_id": run.info.run_id,
             "mlflow_tracking_uri": mask_url(tracking_uri),

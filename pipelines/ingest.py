@@ -18,6 +18,7 @@ import random
 import shutil
 import sqlite3
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -517,9 +518,11 @@ def synthetic_train_examples(params: Params, loaded: Loaded, examples: list[Exam
         wanted = round(params.ingest.synthetic_ratio * n_human)
         if wanted == 0:
             continue
+        # Not params.seed itself: the demo source is generate_pairs(seed) already, so the same seed would
+        # only re-draw its own pairs (all dropped as repeats).
+        seed = zlib.crc32(f"synthetic:{db_id}".encode()) ^ params.seed
         try:
-            pairs = generate_pairs(loaded.snapshots[db_id], _live_target(loaded.targets[db_id], out), wanted,
-                                   params.seed)
+            pairs = generate_pairs(loaded.snapshots[db_id], _live_target(loaded.targets[db_id], out), wanted, seed)
         except PipelineError as exc:
             log.warning("%s: no synthetic pairs: %s", db_id, exc)
             continue

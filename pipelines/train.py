@@ -104,6 +104,15 @@ def loss_curve_csv(log_history: list[dict]) -> str:
     return out.getvalue()
 
 
+def stop_reason(budget: TimeBudgetCallback, state) -> str:
+    """Why a Trainer run ended: its wall-clock budget, early stopping, or all its epochs done."""
+    if budget.fired:
+        return "time_budget"
+    if state.global_step < state.max_steps:
+        return "early_stopping"
+    return "epochs"
+
+
 def examples_in_steps(first_step: int, last_step: int, n_examples: int, batch_size: int) -> int:
     """Training examples processed by optimizer steps first_step+1..last_step (the last batch of an epoch is short)."""
     steps_per_epoch = math.ceil(n_examples / batch_size)
@@ -314,12 +323,7 @@ def main(params: Params) -> None:
         seen = examples_in_steps(resumed_from_step, state.global_step, dataset["train"].num_rows,
                                  cfg.batch_size * max(1, arguments.n_gpu))
         train_losses = [r["loss"] for r in state.log_history if "loss" in r]
-        if budget.fired:
-            stopped_by = "time_budget"
-        elif state.global_step < state.max_steps:
-            stopped_by = "early_stopping"
-        else:
-            stopped_by = "epochs"
+        stopped_by = stop_reason(budget, state)
         metrics = {
             "mlflow_run_id": run.info.run_id,
             "mlflow_tracking_uri": mask_url(tracking_uri),

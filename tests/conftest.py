@@ -6,6 +6,7 @@ directory made the current directory, so stages write their artifacts there and 
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -51,6 +52,42 @@ def make_tiny_params(**overrides) -> Params:
 @pytest.fixture
 def tiny_params() -> Params:
     return make_tiny_params()
+
+
+@pytest.fixture
+def mlflow_postgres_server(workspace, monkeypatch):
+    """An `mlflow server` on a free loopback port backed by a fresh database in the local PostgreSQL;
+    MLFLOW_TRACKING_URI points at it. Yields (url, database name); the server and database go after."""
+    import uuid
+
+    import psycopg2
+
+    from pipelines.common.services import ServiceStartError, free_port, http_service
+
+    try:
+        admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=5)
+    except psycopg2.OperationalError as exc:
+        pytest.skip(f"local PostgreSQL not reachable: {exc}")
+    admin.autocommit = True
+    database = f"mlflow_test_{uuid.uuid4().hex[:12]}"
+    with admin.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{database}"')
+    url = f"http://127.0.0.1:{free_port()}"
+    argv = [sys.executable, "-m", "mlflow", "server", "--workers", "1",
+            "--backend-store-uri", f"postgresql://postgres@127.0.0.1:5432/{database}",
+            "--artifacts-destination", str(workspace / "mlartifacts"),
+            "--host", "127.0.0.1", "--port", url.rsplit(":", 1)[1]]
+    try:
+        # Schema migrations on a busy 2-core machine take a while.
+        with http_service(argv, f"{url}/health", workspace / "mlflow-server.log", startup_timeout_s=180):
+            monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
+            yield url, database
+    except ServiceStartError as exc:
+        pytest.fail(f"mlflow server did not start: {exc}")
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
+        admin.close()
 
 
 # --- tokenize / train (issue 3) --------------------------------------------------------------------

@@ -6,16 +6,8 @@ real export)."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import uuid
 from pathlib import Path
 
-import httpx
 import pytest
 from mlflow import MlflowClient
 
@@ -24,7 +16,6 @@ from pipelines.common.errors import PipelineError
 from pipelines.common.tracking import CHALLENGER, CHAMPION, download_version, version_by_alias
 from tests.conftest import make_tiny_params
 
-POSTGRES_ADMIN_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 def _fake_export(root: Path) -> None:
@@ -141,68 +132,9 @@ def test_promoted_pipeline_export_loads_back_for_generation(exported_workspace, 
     assert isinstance(sql, str)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-@pytest.fixture
-def postgres_mlflow_server(workspace, monkeypatch):
-    """An `mlflow server` on a free loopback port, backed by a fresh PostgreSQL database; torn down after."""
-    psycopg2 = pytest.importorskip("psycopg2")
-    try:
-        admin = psycopg2.connect(POSTGRES_ADMIN_DSN, connect_timeout=5)
-    except psycopg2.OperationalError as exc:
-        pytest.skip(f"local PostgreSQL not reachable: {exc}")
-    admin.autocommit = True
-    database = f"mlflow_test_{uuid.uuid4().hex[:12]}"
-    with admin.cursor() as cursor:
-        cursor.execute(f'CREATE DATABASE "{database}"')
-    port = _free_port()
-    log_file = (workspace / "mlflow-server.log").open("w")
-    server = subprocess.Popen(
-        [
-            sys.executable, "-m", "mlflow", "server",
-            "--backend-store-uri", f"postgresql+psycopg2://postgres@127.0.0.1:5432/{database}",
-            "--artifacts-destination", str(workspace / "mlartifacts"),
-            "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-        ],
-        stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180  # schema migrations on a shared 2-core machine take a while
-        while True:
-            if server.poll() is not None:
-                pytest.fail(f"mlflow server exited {server.returncode}: {(workspace / 'mlflow-server.log').read_text()[-2000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("mlflow server did not become healthy within 180 s")
-            time.sleep(1)
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", url)
-        yield url
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait()
-        log_file.close()
-        with admin.cursor() as cursor:
-            cursor.execute(f'DROP DATABASE IF EXISTS "{database}" WITH (FORCE)')
-        admin.close()
-
-
 @pytest.mark.postgres
 @pytest.mark.slow  # 20 s on an idle machine, about a minute on the shared one (server start + migrations)
-def test_promote_gate_with_postgres_backed_server(postgres_mlflow_server, workspace):
+def test_promote_gate_with_postgres_backed_server(mlflow_postgres_server, workspace):
     _promote_sequence_and_check(workspace)
     # The versions really live in PostgreSQL behind the server, not in a local file store.
     assert not (workspace / "mlflow.db").exists()

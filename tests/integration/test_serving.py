@@ -7,10 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import signal
-import socket
 import sqlite3
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,6 +17,7 @@ import pytest
 import yaml
 
 from pipelines import promote
+from pipelines.common.services import ServiceStartError, free_port, http_service
 from tests.conftest import REPO, make_tiny_params
 from tests.integration._tiny_model import CUSTOMERS, build_database, build_onnx_model
 
@@ -30,12 +28,6 @@ pytestmark = pytest.mark.slow
 READY_TIMEOUT_S = 240  # the server imports torch, transformers, optimum and mlflow on a shared machine
 ADMIN_TOKEN = "test-admin-token"
 RELOAD_INTERVAL_S = 10
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _params():
@@ -75,7 +67,7 @@ def served_workspace(tmp_path_factory):
 @pytest.fixture(scope="module")
 def server(served_workspace):
     root = served_workspace
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "PYTHONPATH": str(REPO),
@@ -87,35 +79,15 @@ def server(served_workspace):
         "NL2SQL_ADMIN_TOKEN": ADMIN_TOKEN,
         "OMP_NUM_THREADS": "1",
     }
-    log_path = root / "server.log"
-    with log_path.open("w") as log_file:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "bentoml", "serve", "serving.service:NL2SQL", "--host", "127.0.0.1",
-             "--port", str(port), "--working-dir", str(REPO)],
-            cwd=root, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True,
-        )
     base = f"http://127.0.0.1:{port}"
+    argv = [sys.executable, "-m", "bentoml", "serve", "serving.service:NL2SQL", "--host", "127.0.0.1",
+            "--port", str(port), "--working-dir", str(REPO)]
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"bentoml serve exited {process.returncode}:\n{log_path.read_text()[-4000:]}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                    break
-            if time.monotonic() > deadline:
-                pytest.fail(f"service not ready within {READY_TIMEOUT_S} s:\n{log_path.read_text()[-4000:]}")
-            time.sleep(1)
-        with httpx.Client(base_url=base, timeout=60) as client:
+        with http_service(argv, f"{base}/readyz", root / "server.log", env=env, cwd=root,
+                          startup_timeout_s=READY_TIMEOUT_S), httpx.Client(base_url=base, timeout=60) as client:
             yield client
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
+    except ServiceStartError as exc:
+        pytest.fail(f"bentoml serve did not start: {exc}")
 
 
 def _customers_left(root: Path) -> int:

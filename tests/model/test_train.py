@@ -7,11 +7,9 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import uuid
 from pathlib import Path
 
 import mlflow
@@ -199,72 +197,26 @@ def test_resume_after_kill_continues_from_last_checkpoint(workspace):
     assert steps[0] == 1  # the curve includes the steps trained before the kill
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.postgres
-def test_tracking_against_mlflow_server_backed_by_postgres(workspace, monkeypatch, tmp_path_factory):
-    psycopg2 = pytest.importorskip("psycopg2")
-    import httpx
+def test_tracking_against_mlflow_server_backed_by_postgres(workspace, mlflow_postgres_server):
+    import psycopg2
 
-    try:
-        admin = psycopg2.connect(host="127.0.0.1", port=5432, user="postgres", dbname="postgres", connect_timeout=5)
-    except psycopg2.OperationalError as exc:
-        pytest.skip(f"local PostgreSQL not reachable: {exc}")
-    admin.autocommit = True
-    database = f"mlflow_test_{uuid.uuid4().hex[:8]}"
-    with admin.cursor() as cursor:
-        cursor.execute(f"CREATE DATABASE {database}")
-    port = _free_port()
-    artifacts = tmp_path_factory.mktemp("mlflow-artifacts")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--backend-store-uri",
-         f"postgresql://postgres@127.0.0.1:5432/{database}", "--artifacts-destination", str(artifacts),
-         "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
-    )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, server.stderr.read().decode()[-3000:]
-            try:
-                if httpx.get(f"{uri}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, "MLflow server did not come up within 120 s"
-            time.sleep(0.5)
-        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-        params = tokenized_workspace(workspace)
-        train.main(params)
-        metrics = json.loads((METRICS / "train.json").read_text())
-        assert metrics["mlflow_tracking_uri"] == uri
-        client = mlflow.MlflowClient(tracking_uri=uri)
-        run = client.get_run(metrics["mlflow_run_id"])
-        assert client.get_experiment(run.info.experiment_id).name == params.tracking.experiment
-        assert run.info.status == "FINISHED"
-        assert client.get_metric_history(run.info.run_id, "loss")
-        assert "teacher/model.safetensors" in {a.path for a in client.list_artifacts(run.info.run_id, "teacher")}
-        # The run really lives in PostgreSQL.
-        with psycopg2.connect(host="127.0.0.1", user="postgres", dbname=database) as conn, conn.cursor() as cur:
-            cur.execute("SELECT count(*) FROM runs WHERE run_uuid = %s", (run.info.run_id,))
-            assert cur.fetchone()[0] == 1
-    finally:
-        if server.poll() is None:
-            os.killpg(server.pid, signal.SIGTERM)
-            try:
-                server.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(server.pid, signal.SIGKILL)
-                server.wait(timeout=10)
-        with admin.cursor() as cursor:
-            cursor.execute(f"DROP DATABASE IF EXISTS {database} WITH (FORCE)")
-        admin.close()
+    uri, database = mlflow_postgres_server
+    params = tokenized_workspace(workspace)
+    train.main(params)
+    metrics = json.loads((METRICS / "train.json").read_text())
+    assert metrics["mlflow_tracking_uri"] == uri
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    run = client.get_run(metrics["mlflow_run_id"])
+    assert client.get_experiment(run.info.experiment_id).name == params.tracking.experiment
+    assert run.info.status == "FINISHED"
+    assert client.get_metric_history(run.info.run_id, "loss")
+    assert "teacher/model.safetensors" in {a.path for a in client.list_artifacts(run.info.run_id, "teacher")}
+    # The run really lives in PostgreSQL.
+    with psycopg2.connect(host="127.0.0.1", user="postgres", dbname=database) as conn, conn.cursor() as cur:
+        cur.execute("SELECT count(*) FROM runs WHERE run_uuid = %s", (run.info.run_id,))
+        assert cur.fetchone()[0] == 1
 
 
 @pytest.mark.slow  # ingest + validate (Great Expectations) + tokenize + train once per session
