@@ -124,6 +124,8 @@ class QueryRequest(_Request):
 
 class GenerationItem(_Request):
     schema_json: str = Field(description="The schema snapshot (see /sql's schema) as a JSON string.")
+    db_id: DbId | None = Field(None, description="The known database the schema belongs to, if any: with schema "
+                               "linking its values are matched against the question, as in training.")
 
     @field_validator("schema_json")
     @classmethod
@@ -307,6 +309,7 @@ class NL2SQL:
             texts.append(serialize(
                 item.question, schema, config.serialization, max_tokens=config.max_source_length,
                 count_tokens=lambda text: len(loaded.tokenizer(text).input_ids),
+                value_index=self._value_index(item.db_id, schema, config.serialization),
             ))
         beams = generate(
             loaded.model, loaded.tokenizer, texts, num_beams=SERVING.num_beams,
@@ -315,8 +318,16 @@ class NL2SQL:
         )
         return [GenerationResult(candidates=candidates, model_version=loaded.version) for candidates in beams]
 
-    async def _generate(self, question: str, schema: SchemaSnapshot) -> GenerationResult:
-        item = GenerationItem(question=question, schema_json=schema.model_dump_json())
+    def _value_index(self, db_id: str | None, schema: SchemaSnapshot, cfg) -> dict | None:
+        """The database's own values for schema linking, built like tokenize builds them (cached per database)."""
+        if not (cfg.schema_linking and cfg.linking_values) or db_id not in self._databases:
+            return None
+        from pipelines.common.schema_linking import value_index_for
+
+        return value_index_for(self._databases[db_id], schema, cfg.linking_values)
+
+    async def _generate(self, question: str, schema: SchemaSnapshot, db_id: str | None = None) -> GenerationResult:
+        item = GenerationItem(question=question, schema_json=schema.model_dump_json(), db_id=db_id)
         # Through the service's own client, so the call joins the adaptive-batching queue.
         [result] = await self.to_async.generate_batch([item])
         return result if isinstance(result, GenerationResult) else GenerationResult.model_validate(result)
@@ -336,7 +347,7 @@ class NL2SQL:
         started = time.perf_counter()
         target = self._target(db_id) if db_id is not None else None
         schema = self._schema(db_id) if db_id is not None else schema_
-        result = await self._generate(question, schema)
+        result = await self._generate(question, schema, db_id)
         sql = await self._in_thread(self._choose, result.candidates, target)
         return SqlResponse(sql=sql, model_version=result.model_version, execution_guided=target is not None,
                            latency_ms=round((time.perf_counter() - started) * 1000, 2))
@@ -348,7 +359,7 @@ class NL2SQL:
 
         started = time.perf_counter()
         target = self._target(db_id)
-        result = await self._generate(question, self._schema(db_id))
+        result = await self._generate(question, self._schema(db_id), db_id)
         sql = await self._in_thread(self._choose, result.candidates, target)
         try:
             rows = await self._in_thread(
