@@ -29,7 +29,6 @@ from transformers import (
     DataCollatorForSeq2Seq,
     EarlyStoppingCallback,
     Seq2SeqTrainer,
-    Seq2SeqTrainingArguments,
     T5Config,
     T5ForConditionalGeneration,
     set_seed,
@@ -56,6 +55,7 @@ from pipelines.train import (
     prepare_checkpoints,
     stop_reason,
     trainer_state_step,
+    training_arguments,
 )
 
 log = logging.getLogger(__name__)
@@ -210,40 +210,14 @@ def main(params: Params) -> dict:
 
     fingerprint = run_fingerprint(params, dataset)
     resume_from, resume_run_id = prepare_checkpoints(fingerprint, CHECKPOINT_DIR)
-    mechanics = params.train
-    arguments = Seq2SeqTrainingArguments(
-        output_dir=str(CHECKPOINT_DIR),
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size * 2,
-        learning_rate=cfg.learning_rate,
-        weight_decay=mechanics.weight_decay,
-        warmup_ratio=mechanics.warmup_ratio,
-        lr_scheduler_type=mechanics.lr_scheduler,
-        num_train_epochs=cfg.epochs,
-        group_by_length=True,
-        eval_strategy="steps" if has_dev else "no",
-        eval_steps=mechanics.eval_steps,
-        save_strategy="steps",
-        save_steps=mechanics.eval_steps,
-        save_total_limit=mechanics.save_total_limit,
-        load_best_model_at_end=has_dev,
-        metric_for_best_model="eval_loss",
-        greater_is_better=False,
-        prediction_loss_only=True,  # dev loss is all early stopping needs; no logits kept in memory
-        logging_steps=max(1, mechanics.eval_steps // 5),
-        logging_first_step=True,
-        seed=params.seed,
-        data_seed=params.seed,
-        bf16=choice.bf16,
-        use_cpu=choice.device == "cpu",
-        report_to="none",  # MLflow is logged by MlflowMetricsCallback into the run this stage owns
-        dataloader_num_workers=0,
-        save_safetensors=True,
+    arguments = training_arguments(
+        params, CHECKPOINT_DIR, choice, has_dev, batch_size=cfg.batch_size, learning_rate=cfg.learning_rate,
+        epochs=cfg.epochs, prediction_loss_only=True,  # dev loss is all early stopping needs; no logits kept
     )
     budget = TimeBudgetCallback(cfg.max_train_minutes, evaluate=has_dev)
     callbacks = [budget, MlflowMetricsCallback()]
     if has_dev:
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=mechanics.early_stopping_patience))
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=params.train.early_stopping_patience))
     trainer = DistillationTrainer(
         model=student,
         args=arguments,

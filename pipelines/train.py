@@ -104,6 +104,43 @@ def loss_curve_csv(log_history: list[dict]) -> str:
     return out.getvalue()
 
 
+def training_arguments(params: Params, output_dir: Path, choice, has_dev: bool, *, batch_size: int,
+                       learning_rate: float, epochs: float, **extra) -> Seq2SeqTrainingArguments:
+    """Trainer settings shared by the teacher and the student: schedule, periodic dev evaluation with early
+    stopping on dev loss, checkpoints, seeding and device come from the `train` section."""
+    mechanics = params.train
+    return Seq2SeqTrainingArguments(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size * 2,
+        learning_rate=learning_rate,
+        weight_decay=mechanics.weight_decay,
+        warmup_ratio=mechanics.warmup_ratio,
+        lr_scheduler_type=mechanics.lr_scheduler,
+        num_train_epochs=epochs,
+        group_by_length=True,  # batches of similar length: far less padding on long schemas
+        eval_strategy="steps" if has_dev else "no",
+        eval_steps=mechanics.eval_steps,
+        save_strategy="steps",
+        save_steps=mechanics.eval_steps,
+        save_total_limit=mechanics.save_total_limit,
+        load_best_model_at_end=has_dev,
+        metric_for_best_model="eval_loss",
+        greater_is_better=False,
+        logging_steps=max(1, mechanics.eval_steps // 5),
+        logging_first_step=True,
+        seed=params.seed,
+        data_seed=params.seed,
+        bf16=choice.bf16,
+        use_cpu=choice.device == "cpu",
+        report_to="none",  # MLflow is logged by MlflowMetricsCallback into the run the stage owns
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+        save_safetensors=True,
+        **extra,
+    )
+
+
 def stop_reason(budget: TimeBudgetCallback, state) -> str:
     """Why a Trainer run ended: its wall-clock budget, early stopping, or all its epochs done."""
     if budget.fired:
@@ -251,36 +288,9 @@ def main(params: Params) -> None:
     fingerprint = run_fingerprint(params, dataset)
     resume_from, resume_run_id = prepare_checkpoints(fingerprint)
     cfg = params.train
-    arguments = Seq2SeqTrainingArguments(
-        output_dir=str(CHECKPOINT_DIR),
-        per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size * 2,
-        learning_rate=cfg.learning_rate,
-        weight_decay=cfg.weight_decay,
-        warmup_ratio=cfg.warmup_ratio,
-        lr_scheduler_type=cfg.lr_scheduler,
-        label_smoothing_factor=cfg.label_smoothing,
-        num_train_epochs=cfg.epochs,
-        group_by_length=True,  # batches of similar length: far less padding on long schemas
-        eval_strategy="steps" if has_dev else "no",
-        eval_steps=cfg.eval_steps,
-        save_strategy="steps",
-        save_steps=cfg.eval_steps,
-        save_total_limit=cfg.save_total_limit,
-        load_best_model_at_end=has_dev,
-        metric_for_best_model="eval_loss",
-        greater_is_better=False,
-        logging_steps=max(1, cfg.eval_steps // 5),
-        logging_first_step=True,
-        seed=params.seed,
-        data_seed=params.seed,
-        bf16=choice.bf16,
-        use_cpu=choice.device == "cpu",
-        report_to="none",  # MLflow is logged by MlflowMetricsCallback into the run this stage owns
-        dataloader_num_workers=0,
-        disable_tqdm=False,
-        save_safetensors=True,
-    )
+    arguments = training_arguments(params, CHECKPOINT_DIR, choice, has_dev, batch_size=cfg.batch_size,
+                                   learning_rate=cfg.learning_rate, epochs=cfg.epochs,
+                                   label_smoothing_factor=cfg.label_smoothing)
     budget = TimeBudgetCallback(cfg.max_train_minutes, evaluate=has_dev)
     metrics_callback = MlflowMetricsCallback()
     callbacks = [budget, metrics_callback]

@@ -8,7 +8,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipelines.common.errors import PipelineError
+from pipelines.common.errors import PipelineError, describe_validation_error
 
 PARAMS_FILE = Path("params.yaml")
 
@@ -181,7 +181,4 @@ def load_params(path: str | Path = PARAMS_FILE) -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
-        raise PipelineError(f"{path}: {problems}") from exc
+        raise PipelineError(f"{path}: {describe_validation_error(exc)}") from exc

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from pipelines.common.errors import PipelineError
+from pipelines.common.errors import PipelineError, describe_validation_error
 from pipelines.common.io import write_text
 
 
@@ -71,10 +71,7 @@ class SchemaSnapshot(_Model):
         try:
             return cls.model_validate(raw)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in err['loc']) or '<root>'}: {err['msg']}" for err in exc.errors()
-            )
-            raise PipelineError(f"{path}: not a schema snapshot: {problems}") from exc
+            raise PipelineError(f"{path}: not a schema snapshot: {describe_validation_error(exc)}") from exc
 
 
 def load(path: str | Path) -> SchemaSnapshot:

@@ -36,7 +36,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from pipelines.common.errors import PipelineError
+from pipelines.common.errors import PipelineError, describe_validation_error
 from pipelines.common.io import read_json, write_json
 from pipelines.common.params import SerializationParams
 from pipelines.common.paths import SERIALIZATION_FILE
@@ -69,8 +69,7 @@ def load_config(directory: str | Path) -> SerializationConfig:
     try:
         config = SerializationConfig.model_validate(raw)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        raise PipelineError(f"{path}: invalid serialization config: {problems}") from exc
+        raise PipelineError(f"{path}: invalid serialization config: {describe_validation_error(exc)}") from exc
     if config.format_version != FORMAT_VERSION:
         raise PipelineError(
             f"{path}: serialization format_version {config.format_version}, this code writes "
