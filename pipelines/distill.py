@@ -45,7 +45,7 @@ from pipelines.common.io import atomic_dir, write_json, write_text
 from pipelines.common.model_io import check_model_dir, load_for_generation
 from pipelines.common.params import Params
 from pipelines.common.paths import CHECKPOINTS, METRICS, PLOTS, STUDENT, TEACHER
-from pipelines.common.serialize import save_config
+from pipelines.common.serialize import save_config, serialize_target
 from pipelines.train import (
     RUN_STATE,
     MlflowMetricsCallback,
@@ -115,11 +115,13 @@ def with_teacher_sequences(train, teacher, tokenizer, beams: int, serialization)
     log.info("sequence-level distillation: teacher beam search (beams=%d) on %d train inputs", beams, len(inputs))
     beams_out = generate(teacher, tokenizer, inputs, num_beams=beams, max_new_tokens=serialization.max_target_length,
                          max_source_length=serialization.max_source_length, progress=True)
-    differs = [i for i, (out, ref) in enumerate(zip(beams_out, gold)) if out[0] != ref.strip()]
+    # generate() tidies its output; serialize_target spells it again as the training targets are spelled.
+    teacher_sql = [serialize_target(out[0], serialization.serialization) for out in beams_out]
+    differs = [i for i, (out, ref) in enumerate(zip(teacher_sql, gold)) if out != ref.strip()]
     log.info("teacher output differs from gold on %d/%d train inputs; added as extra targets", len(differs), len(gold))
     if not differs:
         return train
-    labels = tokenizer(text_target=[beams_out[i][0] for i in differs], max_length=serialization.max_target_length,
+    labels = tokenizer(text_target=[teacher_sql[i] for i in differs], max_length=serialization.max_target_length,
                        truncation=True).input_ids
     extra = train.select(differs).remove_columns("labels").add_column("labels", labels)
     return concatenate_datasets([train, extra.cast(train.features)])

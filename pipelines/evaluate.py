@@ -126,11 +126,12 @@ def evaluate_model(model, tokenizer, config, eval_set: EvalSet,
         from pipelines.common.schema_linking import value_indexes
 
         values = value_indexes(eval_set.schemas, eval_set.targets, config.serialization.linking_values)
+    similar = [config.similar(row.question, row.db_id) for row in examples.itertuples()]
     inputs = [
         serialize(row.question, eval_set.schemas[row.db_id], config.serialization,
                   max_tokens=config.max_source_length, count_tokens=count_tokens,
-                  value_index=values.get(row.db_id))
-        for row in examples.itertuples()
+                  value_index=values.get(row.db_id), similar=near)
+        for row, near in zip(examples.itertuples(), similar)
     ]
     run = {"timeout_s": options.sql_timeout_s, "max_rows": options.max_rows}
     masks = None
@@ -189,6 +190,10 @@ def evaluate_model(model, tokenizer, config, eval_set: EvalSet,
                 "error": predicted.error if predicted is not None else None,
                 "exact_match": m.exact_set_match(sql, row.sql, schema=schema_columns),
             }
+        if similar[i] and gold.ok:
+            # Reference, not a decoding: what copying the nearest training example's SQL would score.
+            record["retrieved"] = {"sql": similar[i][0].sql, "verdict": m.execution_verdict(
+                m.run_query(target, similar[i][0].sql, **run), gold, ordered=ordered)}
         records.append(record)
     return summarize(records), records
 
@@ -206,6 +211,9 @@ def summarize(records: list[dict]) -> dict:
         summary[f"ex_{decoding}"] = rate(sum(r[decoding]["verdict"] == m.CORRECT for r in scored), n)
         summary[f"exact_match_{decoding}"] = rate(sum(r[decoding]["exact_match"] for r in scored), n)
         summary[f"valid_sql_{decoding}"] = rate(sum(r[decoding]["error"] is None for r in scored), n)
+    retrieved = [r for r in scored if "retrieved" in r]
+    if retrieved:
+        summary["ex_retrieved_copy"] = rate(sum(r["retrieved"]["verdict"] == m.CORRECT for r in retrieved), n)
     # The served decoding (beam + execution-guided) is the headline for the unsuffixed keys.
     summary["exact_match"] = summary["exact_match_execution_guided"]
     summary["valid_sql"] = summary["valid_sql_execution_guided"]

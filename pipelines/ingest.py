@@ -578,9 +578,10 @@ def main(params: Params) -> dict:
         databases.write_index(loaded.targets, out / DATABASES_INDEX.relative_to(INGESTED))
         manifest = _manifest(params, frame, loaded, executing, failures, examples)
         write_json(out / INGEST_MANIFEST.relative_to(INGESTED), manifest)
-    log.info("ingested %d examples over %d databases (%s) in %.1f s; %d of %d gold queries execute",
+    log.info("ingested %d examples over %d databases (%s) in %.1f s; %d of %d source gold queries execute "
+             "(synthetic pairs: %d, each executed when generated)",
              len(frame), len(loaded.targets), ", ".join(f"{k} {v}" for k, v in manifest["splits"].items()),
-             time.monotonic() - started, executing, len(frame))
+             time.monotonic() - started, executing, human, len(frame) - human)
     return manifest
 
 

@@ -81,7 +81,7 @@ def predict(question: str, model_dir: str | Path, database: str, *, db_id: str |
 
         values = value_index_for(target, schema, config.serialization.linking_values)
     text = serialize(question, schema, config.serialization, max_tokens=config.max_source_length,
-                     count_tokens=count_tokens, value_index=values)
+                     count_tokens=count_tokens, value_index=values, similar=config.similar(question, db_id))
     candidates = generate(model, tokenizer, [text], num_beams=num_beams, num_return_sequences=num_beams,
                           max_new_tokens=config.max_target_length, batch_size=1,
                           max_source_length=config.max_source_length, progress=False)[0]

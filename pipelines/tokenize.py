@@ -19,6 +19,7 @@ from pipelines.common.io import atomic_dir, write_json
 from pipelines.common.params import Params
 from pipelines.common.paths import DATABASES_INDEX, INGESTED_SCHEMAS, TOKENIZED, TOKENIZER, VALIDATED_EXAMPLES
 from pipelines.common.schema import SchemaSnapshot
+from pipelines.common.retrieval import BankExample
 from pipelines.common.serialize import SerializationConfig, save_config, serialize, serialize_target
 
 log = logging.getLogger(__name__)
@@ -57,20 +58,26 @@ def load_schemas(db_ids: set[str], directory: Path = INGESTED_SCHEMAS) -> dict[s
     return {db: SchemaSnapshot.load(directory / f"{db}.json") for db in sorted(db_ids)}
 
 
-def train_unigram_tokenizer(corpus: list[str], vocab_size: int, max_length: int):
+# Isolated by the pre-tokenizer with `serialization.split_punctuation` (with the space before it, if any, so
+# ` = ` costs one token): never merged into a word's piece.
+SQL_PUNCTUATION = r"""▁?[.,()\[\]:;|*=<>!'"]"""
+
+
+def train_unigram_tokenizer(corpus: list[str], vocab_size: int, max_length: int, split_punctuation: bool = False):
     """A T5-style Unigram tokenizer (Metaspace, `</s>` appended) wrapped as a transformers fast tokenizer."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tokenizer = Tokenizer(models.Unigram())
     # No normalizer: string literals must decode byte-identical to the database values.
-    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always"),
-            # Numbers digit by digit: values like 1998 or 45.5 stay composable from a tiny vocabulary.
-            pre_tokenizers.Digits(individual_digits=True),
-        ]
-    )
+    steps = [pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")]
+    if split_punctuation:
+        # `isolated` keeps every character, so decoding stays lossless (literals included); `_` is not
+        # punctuation here, so `job_title` stays one word.
+        steps.append(pre_tokenizers.Split(Regex(SQL_PUNCTUATION), behavior="isolated"))
+    # Numbers digit by digit: values like 1998 or 45.5 stay composable from a tiny vocabulary.
+    steps.append(pre_tokenizers.Digits(individual_digits=True))
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence(steps)
     tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
     trainer = trainers.UnigramTrainer(
         vocab_size=vocab_size,
@@ -82,6 +89,7 @@ def train_unigram_tokenizer(corpus: list[str], vocab_size: int, max_length: int)
     )
     log.info("training a Unigram tokenizer (vocab %d) on %d texts", vocab_size, len(corpus))
     tokenizer.train_from_iterator(corpus, trainer=trainer)
+    tokenizer = restore_frequent_words(tokenizer, corpus)
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"$A {EOS}", pair=f"$A {EOS} $B {EOS}", special_tokens=[(EOS, tokenizer.token_to_id(EOS))]
     )
@@ -97,6 +105,44 @@ def train_unigram_tokenizer(corpus: list[str], vocab_size: int, max_length: int)
     if ids != (0, 1, 2):
         raise RuntimeError(f"special token ids {ids}, expected (0, 1, 2)")
     return wrapped
+
+
+def restore_frequent_words(tokenizer, corpus: list[str], min_share: float = 0.01):
+    """The tokenizer with every pre-tokenized word that occurs at least `min_share` x len(corpus) times as a
+    piece that segmentation picks whole, at the same vocabulary size.
+
+    The Unigram trainer's pruning is known to drop or under-score some of the most frequent whole words and
+    spell them from fragments (sentencepiece#967, tokenizers#1027): here `select` came out as `▁ s elect`,
+    `what` as `▁wha t` and `to` as `▁ t o`, costing tokens in every example. Each such word gets at least its
+    unigram log-probability as score (so Viterbi segmentation picks it whole); missing ones replace the
+    lowest-scoring multi-character pieces."""
+    import json
+    import math
+
+    from tokenizers import Tokenizer
+
+    state = json.loads(tokenizer.to_str())
+    vocab = state["model"]["vocab"]  # [[piece, log-probability], ...], special tokens first
+    position = {piece: i for i, (piece, _) in enumerate(vocab)}
+    counts = Counter(word for text in corpus for word, _ in tokenizer.pre_tokenizer.pre_tokenize_str(text))
+    total = sum(counts.values())
+    frequent = [(word, math.log(n / total)) for word, n in counts.most_common()
+                if n >= min_share * len(corpus) and len(word) <= 16]
+    missing, raised = [], 0
+    for word, score in frequent:
+        if word not in position:
+            missing.append([word, score])
+        elif vocab[position[word]][1] < score:
+            vocab[position[word]][1], raised = score, raised + 1
+    frequent_words = {word for word, _ in frequent}
+    removable = sorted((i for i, (piece, score) in enumerate(vocab)
+                        if len(piece) > 1 and score < 0 and piece not in frequent_words),
+                       key=lambda i: vocab[i][1])[: len(missing)]
+    dropped = set(removable)
+    state["model"]["vocab"] = [entry for i, entry in enumerate(vocab) if i not in dropped] + missing[: len(removable)]
+    log.info("frequent whole words the Unigram trainer had split: %d restored, %d re-scored (e.g. %s)",
+             len(removable), raised, ", ".join(word for word, _ in missing[:5]))
+    return Tokenizer.from_str(json.dumps(state))
 
 
 def load_pretrained_tokenizer(base: str):
@@ -129,7 +175,8 @@ def unknown_characters(tokenizer, texts: list[str]) -> Counter:
 def build_tokenizer(params: Params, train_inputs: list[str], train_targets: list[str]):
     if params.model.base == "scratch":
         tokenizer = train_unigram_tokenizer(
-            train_inputs + train_targets, params.tokenize.vocab_size, params.tokenize.max_source_length
+            train_inputs + train_targets, params.tokenize.vocab_size, params.tokenize.max_source_length,
+            split_punctuation=params.tokenize.serialization.split_punctuation,
         )
     else:
         tokenizer = load_pretrained_tokenizer(params.model.base)
@@ -156,10 +203,16 @@ def main(params: Params) -> None:
     values = linking_value_indexes(schemas, cfg)
     targets = [serialize_target(sql, cfg) for sql in examples["sql"]]
     is_train = (examples["split"] == "train").to_numpy()
+    config = SerializationConfig(
+        serialization=cfg, max_source_length=max_source, max_target_length=max_target, model_base=params.model.base,
+        examples=retrieval_bank(examples, targets, is_train) if cfg.retrieval_k else [],
+    )
+    similar = retrieved_examples(examples, is_train, config, params.seed)
     untruncated = [
-        serialize(q, schemas[db], cfg, value_index=values.get(db))
-        for q, db in tqdm(
-            zip(examples["question"], examples["db_id"]), total=len(examples), desc="serialize", mininterval=5
+        serialize(q, schemas[db], cfg, value_index=values.get(db), similar=near)
+        for q, db, near in tqdm(
+            zip(examples["question"], examples["db_id"], similar), total=len(examples), desc="serialize",
+            mininterval=5,
         )
     ]
     tokenizer = build_tokenizer(
@@ -173,12 +226,13 @@ def main(params: Params) -> None:
         return len(tokenizer(text, verbose=False).input_ids)
 
     inputs, n_shortened, n_cut_sources = [], 0, 0
-    for text, question, db in tqdm(
-        zip(untruncated, examples["question"], examples["db_id"]), total=len(examples), desc="fit", mininterval=5
+    for text, question, db, near in tqdm(
+        zip(untruncated, examples["question"], examples["db_id"], similar), total=len(examples), desc="fit",
+        mininterval=5,
     ):
         if count_tokens(text) > max_source:
             text = serialize(question, schemas[db], cfg, max_tokens=max_source, count_tokens=count_tokens,
-                             value_index=values.get(db))
+                             value_index=values.get(db), similar=near)
             n_shortened += 1
             # Still too long (a long question over a big schema): the tokenizer cuts the tail below.
             n_cut_sources += count_tokens(text) > max_source
@@ -202,9 +256,6 @@ def main(params: Params) -> None:
         "mean_source_tokens": round(sum(map(len, source.input_ids)) / len(inputs), 1),
         "mean_target_tokens": round(sum(target_lengths) / len(targets), 1),
     }
-    config = SerializationConfig(
-        serialization=cfg, max_source_length=max_source, max_target_length=max_target, model_base=params.model.base
-    )
     with atomic_dir(TOKENIZED) as tmp:
         # One shard per split: datasets writes an empty split as zero shards, which load_from_disk cannot read.
         dataset.save_to_disk(str(tmp), num_shards={split: 1 for split in SPLITS})
@@ -214,6 +265,32 @@ def main(params: Params) -> None:
         tokenizer.save_pretrained(str(tmp))
     log.info("tokenized %s; vocab %d; %d inputs shortened by the truncation policy", stats["examples"],
              len(tokenizer), n_shortened)
+
+
+def retrieval_bank(examples: pd.DataFrame, targets: list[str], is_train) -> list[BankExample]:
+    """The train split as retrieval examples, in row order (bank index i = i-th train row)."""
+    return [BankExample(db_id=str(db), question=str(q), sql=t)
+            for db, q, t, train in zip(examples["db_id"], examples["question"], targets, is_train) if train]
+
+
+def retrieved_examples(examples: pd.DataFrame, is_train, config: SerializationConfig, seed: int) -> list[list]:
+    """Each example's retrieved neighbours: a train example never retrieves itself, and a seeded
+    `retrieval_dropout` fraction of train examples get none; dev and test retrieve from the whole bank."""
+    import random
+
+    cfg = config.serialization
+    if not cfg.retrieval_k:
+        return [[] for _ in range(len(examples))]
+    rng = random.Random(seed)
+    similar, bank_index = [], 0
+    for question, db, train in zip(examples["question"], examples["db_id"], is_train):
+        if train:
+            dropped = rng.random() < cfg.retrieval_dropout
+            similar.append([] if dropped else config.similar(question, db, exclude=bank_index))
+            bank_index += 1
+        else:
+            similar.append(config.similar(question, db))
+    return similar
 
 
 def linking_value_indexes(schemas: dict[str, SchemaSnapshot], cfg) -> dict:

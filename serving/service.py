@@ -310,6 +310,7 @@ class NL2SQL:
                 item.question, schema, config.serialization, max_tokens=config.max_source_length,
                 count_tokens=lambda text: len(loaded.tokenizer(text).input_ids),
                 value_index=self._value_index(item.db_id, schema, config.serialization),
+                similar=config.similar(item.question, item.db_id),
             ))
         beams = generate(
             loaded.model, loaded.tokenizer, texts, num_beams=SERVING.num_beams,

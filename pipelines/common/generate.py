@@ -3,7 +3,8 @@
 so greedy output means the same thing everywhere.
 
 - `generate`: greedy (`num_beams=1`) or beam search, `num_return_sequences` candidates per input, best first.
-  Inputs are batched by length (less padding), results come back in input order.
+  Inputs are batched by length (less padding), results come back in input order, tidied (`tidy_sql`: the
+  spaced SQL of `serialization.split_punctuation` back to `t1.name`, `count(*)`).
 - `allowed`: optional per-input boolean masks over the vocabulary (`common/constrained.py`): tokens outside
   the mask are never generated (constrained decoding), for greedy and beam search alike.
 - `execution_guided`: of a list of candidates, the first that is a single SELECT and executes without error
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from pipelines.common.serialize import tidy_sql
 from pipelines.common.sql import SQLError, execute_readonly
 
 log = logging.getLogger(__name__)
@@ -91,7 +93,7 @@ def generate(
                                            clean_up_tokenization_spaces=False)
             for position, index in enumerate(batch):
                 group = texts[position * num_return_sequences : (position + 1) * num_return_sequences]
-                outputs[index] = [t.strip() for t in group]
+                outputs[index] = [tidy_sql(t.strip()) for t in group]
     return outputs  # type: ignore[return-value]
 
 

@@ -65,6 +65,15 @@ class SerializationParams(Section):
     linking_max_values: int = Field(3, ge=1)  # matched values written per column
     linking_max_tables: int | None = Field(None, ge=1)  # keep at most this many tables (best first); null = all
     linking_max_columns: int | None = Field(None, ge=0)  # per table, unmatched non-key columns beyond this go
+    # Retrieval (pipelines/common/retrieval.py): the k nearest training examples of the same database, with
+    # their SQL, written into the input; 0 = off. `retrieval_dropout` of the training inputs go without, so
+    # the model also learns to answer for a database it has no examples of.
+    retrieval_k: int = Field(0, ge=0)
+    # SQL punctuation as tokens of its own: the scratch tokenizer isolates . , ( ) : ; | * = < > ! and quotes,
+    # and SQL targets are spaced (`t1 . name`, `count ( * )`), so an identifier is the same tokens in the
+    # schema, the similar examples and the output. Predictions are tidied back (`t1.name`).
+    split_punctuation: bool = False
+    retrieval_dropout: float = Field(0.0, ge=0.0, le=1.0)
 
 
 class TokenizeParams(Section):

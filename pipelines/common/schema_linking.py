@@ -41,7 +41,7 @@ _MAX_VALUE_WORDS = 6
 VALUE_QUERY_TIMEOUT_S = 5.0
 
 
-def _fold(word: str) -> str:
+def fold(word: str) -> str:
     """Crude singular: enough to match `customers` with `customer` and `cities` with `city`."""
     word = word.lower()
     if len(word) > 4 and word.endswith("ies"):
@@ -53,7 +53,7 @@ def _fold(word: str) -> str:
 
 def identifier_words(name: str) -> list[str]:
     """`order_items` / `OrderItems` / `orderItemID` -> ['order', 'item', 'id'] (folded, in order)."""
-    return [_fold(w) for w in _TOKEN.findall(_CAMEL.sub(" ", name).replace("_", " "))]
+    return [fold(w) for w in _TOKEN.findall(_CAMEL.sub(" ", name).replace("_", " "))]
 
 
 def _value_tokens(text: str) -> tuple[str, ...]:

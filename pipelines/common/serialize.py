@@ -23,6 +23,10 @@ scored by `link_schema` (names and cell values, plus an optional database `value
 word overlap; matched tables and columns come first and are marked `*`, a column's matched values follow as
 SQL literals (`*city (text, = 'Paris')`), tables beyond `linking_max_tables` and unmatched non-key columns
 beyond `linking_max_columns` per table are pruned before any truncation. Off, the text is unchanged.
+
+Retrieval (`retrieval_k: K`, see `pipelines/common/retrieval.py`): a `similar:` section after the question
+holds the K training examples of the same database nearest to it, as `question => sql` (the SQL exactly as
+the model emits it), separated by ` ; `. The bank of examples is stored in the config below.
 The serialization config (these options + max lengths) is saved as `serialization.json` beside every model.
 """
 
@@ -34,15 +38,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, PrivateAttr, ValidationError
 
 from pipelines.common.errors import PipelineError, describe_validation_error
 from pipelines.common.io import read_json, write_json
 from pipelines.common.params import SerializationParams
 from pipelines.common.paths import SERIALIZATION_FILE
+from pipelines.common.retrieval import BankExample, ExampleBank
+from pipelines.common.schema_linking import fold
 
 # Bumped when the text format changes, so a model is never fed inputs in a format it was not trained on.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class SerializationConfig(BaseModel):
@@ -55,6 +61,17 @@ class SerializationConfig(BaseModel):
     max_source_length: int
     max_target_length: int
     model_base: str  # `model.base` the tokenizer was built for ("scratch" or a checkpoint)
+    # The training examples retrieval draws from (empty unless serialization.retrieval_k > 0).
+    examples: list[BankExample] = []
+    _bank: ExampleBank | None = PrivateAttr(None)
+
+    def similar(self, question: str, db_id: str | None, exclude: int | None = None) -> list[BankExample]:
+        """The `retrieval_k` bank examples of `db_id` nearest to `question` (none when retrieval is off)."""
+        if self.serialization.retrieval_k == 0 or db_id is None:
+            return []
+        if self._bank is None:
+            self._bank = ExampleBank(self.examples)
+        return self._bank.nearest(question, db_id, self.serialization.retrieval_k, exclude=exclude)
 
 
 def save_config(directory: str | Path, config: SerializationConfig) -> Path:
@@ -85,19 +102,59 @@ def load_config(directory: str | Path) -> SerializationConfig:
 _QUOTED = re.compile(r"""(?<![A-Za-z0-9])(?:'(?:[^']|'')*'|"(?:[^"]|"")*")""")
 
 
-def lowercase_outside_quotes(text: str) -> str:
-    """Lower-case everything except quoted spans ('...' and "...", doubled quotes as escapes)."""
+def _outside_quotes(text: str, edit: Callable[[str], str]) -> str:
+    """`edit` applied to every span of `text` outside quotes ('...' and "...", doubled quotes as escapes)."""
     pieces, position = [], 0
     for match in _QUOTED.finditer(text):
-        pieces += [text[position : match.start()].lower(), match.group()]
+        pieces += [edit(text[position : match.start()]), match.group()]
         position = match.end()
-    pieces.append(text[position:].lower())
+    pieces.append(edit(text[position:]))
     return "".join(pieces)
 
 
+def lowercase_outside_quotes(text: str) -> str:
+    """Lower-case everything except quoted spans."""
+    return _outside_quotes(text, str.lower)
+
+
+# `t1.name` -> `t1 . name` (not `4.5`), and spaces inside parentheses: `count(*)` -> `count ( * )`.
+_QUALIFIER_DOT = re.compile(r"\b([A-Za-z_]\w*)\s*\.\s*(?=[A-Za-z_`\[])")
+_PARENTHESIS = re.compile(r"\s*([()])\s*")
+# What `tidy_sql` glues back: a qualified name's dot, and a function name to its opening parenthesis.
+_SPACED_DOT = re.compile(r"\b([A-Za-z_]\w*) \. (?=[A-Za-z_`\[])")
+_KEYWORDS_BEFORE_PARENTHESIS = {"in", "exists", "from", "join", "on", "and", "or", "not", "as", "where", "select",
+                                "union", "intersect", "except", "having", "by", "then", "else", "when", "values"}
+
+
+def _space(segment: str) -> str:
+    segment = _QUALIFIER_DOT.sub(r"\1 . ", segment)
+    return _PARENTHESIS.sub(r" \1 ", segment)
+
+
+def _tidy(segment: str) -> str:
+    segment = _SPACED_DOT.sub(r"\1.", segment)
+    segment = re.sub(r"\( ", "(", re.sub(r" \)", ")", segment))
+    return re.sub(r"\b([A-Za-z_]\w*) \(",
+                  lambda m: m.group(0) if m.group(1).lower() in _KEYWORDS_BEFORE_PARENTHESIS else m.group(1) + "(",
+                  segment)
+
+
+def space_sql(sql: str) -> str:
+    """SQL with qualified names and parentheses spaced out (`t1 . name`, `count ( * )`), quotes untouched:
+    every identifier then follows a space and tokenizes as it does in the schema. Still valid SQL."""
+    return " ".join(_outside_quotes(sql, _space).split())
+
+
+def tidy_sql(sql: str) -> str:
+    """The usual spelling of `space_sql`'s output (`t1.name`, `count(*)`); other SQL passes unchanged."""
+    return _outside_quotes(sql, _tidy)
+
+
 def serialize_target(sql: str, cfg: SerializationParams) -> str:
-    """The SQL text the model learns to emit (same case rule as the inputs)."""
+    """The SQL text the model learns to emit (same case rule as the inputs; spaced with split_punctuation)."""
     sql = " ".join(sql.split())
+    if cfg.split_punctuation:
+        sql = space_sql(sql)
     return lowercase_outside_quotes(sql) if cfg.lowercase else sql
 
 
@@ -125,19 +182,9 @@ _WORD = re.compile(r"[A-Za-z]+|\d+")
 _CAMEL = re.compile(r"(?<=[a-z])(?=[A-Z])")
 
 
-def _stem(word: str) -> str:
-    # Crude plural folding is enough for overlap scoring ("customers" vs "customer").
-    word = word.lower()
-    if len(word) > 4 and word.endswith("ies"):
-        return word[:-3] + "y"
-    if len(word) > 3 and word.endswith("s") and not word.endswith("ss"):
-        return word[:-1]
-    return word
-
-
 def name_words(name: str) -> set[str]:
     """Words of an identifier: `customer_id` / `CustomerId` -> {customer, id}."""
-    return {_stem(w) for w in _WORD.findall(_CAMEL.sub(" ", name))}
+    return {fold(w) for w in _WORD.findall(_CAMEL.sub(" ", name))}
 
 
 def _overlap(words: set[str], question_words: set[str]) -> float:
@@ -176,7 +223,7 @@ class _Table:
 def _prepare(question: str, schema: Any, cfg: SerializationParams, value_index=None) -> list[_Table]:
     if cfg.schema_linking:
         return _prepare_linked(question, schema, cfg, value_index)
-    question_words = {_stem(w) for w in _WORD.findall(question)}
+    question_words = {fold(w) for w in _WORD.findall(question)}
     question_lower = question.lower()
     tables = []
     for table in schema.tables:
@@ -256,10 +303,13 @@ def _removal_steps(tables: list[_Table]) -> list[Callable[[], None]]:
     return steps
 
 
-def _render(question: str, tables: list[_Table], foreign_keys: list[Any], cfg: SerializationParams) -> str:
+def _render(question: str, tables: list[_Table], foreign_keys: list[Any], cfg: SerializationParams,
+            similar: list[BankExample]) -> str:
     def case(text: str) -> str:
         return lowercase_outside_quotes(text) if cfg.lowercase else text
 
+    # Spaced with split_punctuation, so a marked name tokenizes as it does in the SQL.
+    marker = "* " if cfg.split_punctuation else "*"
     rendered_tables = []
     kept_columns: set[tuple[str, str]] = set()
     for table in tables:
@@ -280,13 +330,17 @@ def _render(question: str, tables: list[_Table], foreign_keys: list[Any], cfg: S
                 details.append("= " + " / ".join("'" + v.replace("'", "''") + "'" for v in column.matched_values))
             if column.show_samples and column.samples:
                 details.append("values: " + " / ".join(" ".join(s.split()) for s in column.samples))
-            text = ("*" if column.marked else "") + case(column.name)
+            text = (marker if column.marked else "") + case(column.name)
             items.append(f"{text} ({', '.join(details)})" if details else text)
-        rendered_tables.append(f"{'*' if table.marked else ''}{case(table.name)}: {', '.join(items)}")
-    parts = [f"question: {case(' '.join(question.split()))}", "schema: " + " ; ".join(rendered_tables)]
+        rendered_tables.append(f"{marker if table.marked else ''}{case(table.name)}: {', '.join(items)}")
+    parts = [f"question: {case(' '.join(question.split()))}"]
+    if similar:
+        parts.append("similar: " + " ; ".join(f"{case(' '.join(e.question.split()))} => {e.sql}" for e in similar))
+    parts.append("schema: " + " ; ".join(rendered_tables))
     if cfg.include_keys:
+        dot = " . " if cfg.split_punctuation else "."
         links = [
-            f"{case(fk.table)}.{case(fk.column)} = {case(fk.ref_table)}.{case(fk.ref_column)}"
+            f"{case(fk.table)}{dot}{case(fk.column)} = {case(fk.ref_table)}{dot}{case(fk.ref_column)}"
             for fk in foreign_keys
             if (fk.table.lower(), fk.column.lower()) in kept_columns
             and (fk.ref_table.lower(), fk.ref_column.lower()) in kept_columns
@@ -303,15 +357,17 @@ def serialize(
     max_tokens: int | None = None,
     count_tokens: Callable[[str], int] | None = None,
     value_index: dict | None = None,
+    similar: list[BankExample] | None = None,
 ) -> str:
     """Model input for `question` over `schema` (a `SchemaSnapshot` or anything with the same attributes).
 
     With `max_tokens` and `count_tokens` (text -> token count, special tokens included), the least relevant
     schema items are dropped until the text fits; see the module docstring for the order. `value_index`
-    (`schema_linking.value_index_for`) adds the database's own values to the linking evidence."""
+    (`schema_linking.value_index_for`) adds the database's own values to the linking evidence. `similar`
+    (`SerializationConfig.similar`) are training examples written before the schema, never dropped."""
     foreign_keys = list(getattr(schema, "foreign_keys", None) or [])
     tables = _prepare(question, schema, cfg, value_index)
-    text = _render(question, tables, foreign_keys, cfg)
+    text = _render(question, tables, foreign_keys, cfg, similar or [])
     if max_tokens is None or count_tokens is None or count_tokens(text) <= max_tokens:
         return text
     n_steps = len(_removal_steps(tables))
@@ -320,7 +376,7 @@ def serialize(
         fresh = _prepare(question, schema, cfg, value_index)
         for step in _removal_steps(fresh)[:k]:
             step()
-        return _render(question, fresh, foreign_keys, cfg)
+        return _render(question, fresh, foreign_keys, cfg, similar or [])
 
     # Fewer removals is always longer, so binary-search the smallest k that fits: O(log n) tokenizations.
     low, high = 1, n_steps

@@ -41,6 +41,24 @@ def test_scratch_tokenizer_round_trips_sql_and_uses_t5_special_ids(tokenized):
         assert tokenizer.unk_token_id not in tokenizer(char, add_special_tokens=False).input_ids, char
 
 
+def test_split_punctuation_tokenizes_an_identifier_alike_in_schema_and_sql():
+    corpus = ["question: names of shops | schema: shop: shop_id (number, pk), name (text), city (text)",
+              "select t1 . name from shop as t1 where t1 . city = 'Nice'", "select count ( * ) from shop"] * 20
+    tokenizer = tokenize.train_unigram_tokenizer(corpus, vocab_size=200, max_length=64, split_punctuation=True)
+
+    def pieces(text: str) -> list[str]:
+        return tokenizer.convert_ids_to_tokens(tokenizer(text, add_special_tokens=False).input_ids)
+
+    schema, sql = pieces("schema: shop: shop_id (number, pk), name (text),"), pieces("select t1 . name, t1 . shop_id")
+    for name in ("name", "shop_id"):
+        spelled = pieces(name)
+        assert any(schema[i:i + len(spelled)] == spelled for i in range(len(schema))), (name, schema)
+        assert any(sql[i:i + len(spelled)] == spelled for i in range(len(sql))), (name, sql)
+    ids = tokenizer(SQL_WITH_EVERY_CHARACTER).input_ids
+    assert tokenizer.unk_token_id not in ids
+    assert tokenizer.decode(ids, skip_special_tokens=True) == SQL_WITH_EVERY_CHARACTER
+
+
 def test_tokenized_splits_match_the_contract(tokenized):
     from datasets import load_from_disk
     from transformers import AutoTokenizer
@@ -67,9 +85,34 @@ def test_tokenized_splits_match_the_contract(tokenized):
     assert stats["examples"]["train"] == 48 and stats["vocab_size"] == len(tokenizer)
 
 
+def test_retrieval_puts_other_training_examples_into_the_inputs(workspace):
+    from datasets import load_from_disk
+    from transformers import AutoTokenizer
+
+    write_tiny_tokenize_inputs(workspace)
+    params = make_tiny_params(tokenize={"serialization": {"retrieval_k": 1, "retrieval_dropout": 0.25}})
+    tokenize.main(params)
+    config = load_config(TOKENIZED)
+    examples = pd.read_parquet(VALIDATED_EXAMPLES)
+    train = examples[examples["split"] == "train"]
+    assert [e.question for e in config.examples] == train["question"].tolist()  # the bank is the train split
+    dataset = load_from_disk(str(TOKENIZED))
+    tokenizer = AutoTokenizer.from_pretrained(str(TOKENIZER))
+    decoded = {split: tokenizer.batch_decode(dataset[split]["input_ids"], skip_special_tokens=True)
+               for split in ("train", "test")}
+    assert all(" | similar: " in text for text in decoded["test"])
+    with_neighbour = [text for text in decoded["train"] if " | similar: " in text]
+    assert 0 < len(with_neighbour) < len(decoded["train"])  # dropout leaves some train inputs without
+    unique = train["question"].map(train["question"].value_counts()) == 1
+    assert unique.sum() >= 10
+    for text, question, alone in zip(decoded["train"], train["question"], unique):
+        if alone:  # never its own question: the neighbour is another training example
+            assert f"similar: {question.lower()} =>" not in text
+
+
 def test_long_schemas_are_shortened_to_max_source_length(workspace):
     write_tiny_tokenize_inputs(workspace)
-    tokenize.main(make_tiny_params(tokenize={"max_source_length": 40}))
+    tokenize.main(make_tiny_params(tokenize={"max_source_length": 24}))
     from datasets import load_from_disk
     from transformers import AutoTokenizer
 
@@ -77,7 +120,7 @@ def test_long_schemas_are_shortened_to_max_source_length(workspace):
     dataset = load_from_disk(str(TOKENIZED))
     stats = json.loads((TOKENIZED / "stats.json").read_text())
     assert stats["inputs_schema_shortened"] > 0
-    assert max(len(ids) for ids in dataset["train"]["input_ids"]) <= 40
+    assert max(len(ids) for ids in dataset["train"]["input_ids"]) <= 24
     # The question survives shortening: the input still starts with it.
     assert tokenizer.decode(dataset["train"][0]["input_ids"]).startswith("question: how many customers live in")
 

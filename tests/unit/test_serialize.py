@@ -120,3 +120,28 @@ def test_config_round_trip_and_clear_errors(tmp_path):
         load_config(tmp_path)
     with pytest.raises(PipelineError, match="file not found"):
         load_config(tmp_path / "missing")
+
+
+def test_spaced_sql_is_still_the_same_query_and_tidies_back():
+    import sqlite3
+
+    from pipelines.common.serialize import space_sql, tidy_sql
+
+    sql = ("SELECT T1.name, count(*) FROM shop AS T1 JOIN orders AS T2 ON T1.id = T2.shop_id "
+           "WHERE T1.city = 'St. Louis (MO)' AND T2.amount > 4.5 AND T1.id IN (SELECT max(id) FROM shop) "
+           "GROUP BY T1.name")
+    spaced = space_sql(sql)
+    assert "T1 . name" in spaced and "count ( * )" in spaced and "4.5" in spaced
+    assert "'St. Louis (MO)'" in spaced  # literals untouched
+    assert tidy_sql(spaced) == sql
+    db = sqlite3.connect(":memory:")
+    db.executescript("CREATE TABLE shop (id INT, name TEXT, city TEXT); CREATE TABLE orders (shop_id INT, amount REAL);"
+                     "INSERT INTO shop VALUES (1, 'a', 'St. Louis (MO)'); INSERT INTO orders VALUES (1, 9.0);")
+    assert db.execute(spaced).fetchall() == db.execute(sql).fetchall() == [("a", 1)]
+
+
+def test_split_punctuation_spaces_the_target():
+    on = SerializationParams(split_punctuation=True)
+    assert serialize_target("SELECT T1.Name FROM Shop AS T1 WHERE T1.City = 'Nice'", on) == (
+        "select t1 . name from shop as t1 where t1 . city = 'Nice'")
+    assert serialize_target("SELECT count(*) FROM shop", SerializationParams()) == "select count(*) from shop"

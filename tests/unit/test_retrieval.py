@@ -1,0 +1,58 @@
+"""Retrieval of similar training examples and its place in the model input."""
+
+from __future__ import annotations
+
+from conftest import TINY_SCHEMAS
+
+from pipelines.common.params import SerializationParams
+from pipelines.common.retrieval import BankExample, ExampleBank
+from pipelines.common.schema import SchemaSnapshot
+from pipelines.common.serialize import SerializationConfig, serialize
+
+SHOP = SchemaSnapshot.model_validate(TINY_SCHEMAS["shop"])
+BANK = [
+    BankExample(db_id="shop", question="How many customers are there?", sql="select count(*) from customers"),
+    BankExample(db_id="shop", question="List the names of customers living in Paris.",
+                sql="select name from customers where city = 'Paris'"),
+    BankExample(db_id="shop", question="What is the total amount of all orders?", sql="select sum(amount) from orders"),
+    BankExample(db_id="zoo", question="How many customers does the zoo have?", sql="select count(*) from visitors"),
+]
+
+
+def test_nearest_finds_the_paraphrase_within_the_same_database_only():
+    bank = ExampleBank(BANK)
+    best = bank.nearest("How many customers do we have?", "shop", k=1)
+    assert [e.sql for e in best] == ["select count(*) from customers"]
+    assert [e.sql for e in bank.nearest("names of the customers in Lyon", "shop", k=2)][0] == (
+        "select name from customers where city = 'Paris'")
+    assert all(e.db_id == "zoo" for e in bank.nearest("How many customers?", "zoo", k=3))
+    assert bank.nearest("How many customers?", "unknown_db", k=3) == []
+
+
+def test_an_example_is_not_its_own_neighbour():
+    bank = ExampleBank(BANK)
+    assert bank.nearest(BANK[0].question, "shop", k=1)[0] == BANK[0]
+    assert BANK[0] not in bank.nearest(BANK[0].question, "shop", k=3, exclude=0)
+
+
+def test_config_retrieves_only_when_switched_on():
+    on = SerializationConfig(serialization=SerializationParams(retrieval_k=2), max_source_length=64,
+                             max_target_length=32, model_base="scratch", examples=BANK)
+    off = on.model_copy(update={"serialization": SerializationParams(retrieval_k=0)})
+    assert len(on.similar("how many customers", "shop")) == 2
+    assert off.similar("how many customers", "shop") == []
+    assert on.similar("how many customers", None) == []
+    # The bank round-trips through serialization.json with the model.
+    assert SerializationConfig.model_validate_json(on.model_dump_json()).examples == BANK
+
+
+def test_similar_examples_come_after_the_question_and_survive_truncation():
+    cfg = SerializationParams(retrieval_k=1)
+    near = [BANK[1]]
+    text = serialize("Names of customers in Nice?", SHOP, cfg, similar=near)
+    assert text.startswith("question: names of customers in nice? | similar: list the names of customers living "
+                           "in paris. => select name from customers where city = 'Paris' | schema: customers:")
+    short = serialize("Names of customers in Nice?", SHOP, cfg, similar=near, max_tokens=30,
+                      count_tokens=lambda t: len(t.split()))
+    assert "=> select name from customers where city = 'Paris'" in short
+    assert len(short) < len(text)
