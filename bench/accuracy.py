@@ -11,7 +11,7 @@ with both, e.g. `--levers baseline,linking,linking+retrieval`):
 - baseline: params.yaml as it is, with every lever below forced off;
 - linking: `tokenize.serialization.schema_linking: true` (plus params.yaml's linking knobs);
 - synthetic: `ingest.synthetic_ratio` = `--synthetic-ratio` (default 1.0);
-- retrieval: `tokenize.serialization.retrieval_k` = `--retrieval-k` (default 1), the nearest training examples
+- retrieval: `tokenize.serialization.retrieval_k` = `--retrieval-k` (default params.yaml's), the nearest training examples
   of the same database in the input (column "EX copy": what copying the nearest example's SQL scores alone);
 - punctuation: `tokenize.serialization.split_punctuation: true` (SQL punctuation as tokens of its own,
   spaced SQL targets);
@@ -70,7 +70,7 @@ def row_params(base: Params, row: str, args: argparse.Namespace) -> Params:
         raw["validate"]["on_failure"] = "quarantine"
     raw["tokenize"]["serialization"].update(
         schema_linking="linking" in levers, split_punctuation="punctuation" in levers,
-        retrieval_k=args.retrieval_k if "retrieval" in levers else 0)
+        retrieval_k=(args.retrieval_k or base.tokenize.serialization.retrieval_k or 1) if "retrieval" in levers else 0)
     if args.retrieval_dropout is not None:
         raw["tokenize"]["serialization"]["retrieval_dropout"] = args.retrieval_dropout
     raw["train"]["max_train_minutes"] = args.train_minutes
@@ -94,7 +94,7 @@ def run_row(params: Params, workspace: Path, evaluate_only: bool = False, data_f
     stages = [("ingest", ingest), ("validate", validate), ("tokenize", tokenize), ("train", train)]
     if data_from is not None:
         for folder in ("data/ingested", "data/validated"):
-            shutil.copytree(data_from / folder, workspace / folder)
+            shutil.copytree(data_from / folder, workspace / folder, dirs_exist_ok=True)
         stages = stages[2:]
     times = {}
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{workspace / 'mlflow.db'}"
@@ -138,13 +138,16 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--epochs", type=float, help="train.epochs (default: params.yaml's)")
     parser.add_argument("--levers", default=",".join(LEVERS), help=f"comma-separated rows among {', '.join(LEVERS)}")
     parser.add_argument("--synthetic-ratio", type=float, default=1.0, help="ingest.synthetic_ratio of the synthetic rows")
-    parser.add_argument("--retrieval-k", type=int, default=1, help="retrieval_k of the retrieval rows")
+    parser.add_argument("--retrieval-k", type=int,
+                        help="retrieval_k of the retrieval rows (default: params.yaml's, or 1 where that is 0)")
     parser.add_argument("--retrieval-dropout", type=float,
                         help="retrieval_dropout of the retrieval rows (default: params.yaml's)")
     parser.add_argument("--max-examples", type=int, help="ingest.max_examples (a seeded subset of the dataset)")
     parser.add_argument("--eval-examples", type=int, help="evaluate.max_examples (default: the whole split)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the issue's budget: 2 cores)")
     parser.add_argument("--params", default=str(REPO / "params.yaml"))
+    parser.add_argument("--workdir", help="keep each row's workspace (data, models, mlflow.db) under this folder "
+                                          "instead of a temporary one, e.g. to re-evaluate a model later")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "accuracy.json"))
     args = parser.parse_args(argv)
     levers = [row.strip() for row in args.levers.split(",") if row.strip()]
@@ -171,7 +174,8 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     base = load_params(args.params)
     rows, data_workspaces = [], {}
-    with tempfile.TemporaryDirectory(prefix="nl2sql-bench-") as tmp:
+    with contextlib.ExitStack() as stack:
+        tmp = args.workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="nl2sql-bench-"))
         for lever in args.levers:
             params = row_params(base, lever, args)
             print(f"== {lever}: {args.dataset} {args.split_mode}, {args.train_minutes} min training", flush=True)
@@ -179,7 +183,7 @@ def main(argv: list[str]) -> int:
             # Constrained decoding alone changes no trained artifact: re-evaluate the baseline's model.
             reuse = lever == "constrained" and baseline.is_dir()
             workspace = baseline if reuse else Path(tmp) / lever
-            workspace.mkdir(exist_ok=True)
+            workspace.mkdir(parents=True, exist_ok=True)
             key = data_key(params)
             try:
                 figures = run_row(params, workspace, evaluate_only=reuse, data_from=data_workspaces.get(key))

@@ -126,7 +126,7 @@ def evaluate_model(model, tokenizer, config, eval_set: EvalSet,
         from pipelines.common.schema_linking import value_indexes
 
         values = value_indexes(eval_set.schemas, eval_set.targets, config.serialization.linking_values)
-    similar = [config.similar(row.question, row.db_id) for row in examples.itertuples()]
+    similar = config.similar_batch(examples["question"].tolist(), examples["db_id"].tolist())
     inputs = [
         serialize(row.question, eval_set.schemas[row.db_id], config.serialization,
                   max_tokens=config.max_source_length, count_tokens=count_tokens,

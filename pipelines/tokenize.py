@@ -282,15 +282,11 @@ def retrieved_examples(examples: pd.DataFrame, is_train, config: SerializationCo
     if not cfg.retrieval_k:
         return [[] for _ in range(len(examples))]
     rng = random.Random(seed)
-    similar, bank_index = [], 0
-    for question, db, train in zip(examples["question"], examples["db_id"], is_train):
-        if train:
-            dropped = rng.random() < cfg.retrieval_dropout
-            similar.append([] if dropped else config.similar(question, db, exclude=bank_index))
-            bank_index += 1
-        else:
-            similar.append(config.similar(question, db))
-    return similar
+    bank_index = iter(range(len(examples)))
+    excludes = [next(bank_index) if train else None for train in is_train]
+    dropped = [bool(train) and rng.random() < cfg.retrieval_dropout for train in is_train]
+    similar = config.similar_batch(examples["question"].tolist(), examples["db_id"].tolist(), excludes)
+    return [[] if drop else near for near, drop in zip(similar, dropped)]
 
 
 def linking_value_indexes(schemas: dict[str, SchemaSnapshot], cfg) -> dict:

@@ -304,13 +304,14 @@ class NL2SQL:
         loaded = self._model  # one model for the whole batch, even if a reload swaps it meanwhile
         config = loaded.config
         texts = []
-        for item in items:
+        similar = config.similar_batch([item.question for item in items], [item.db_id for item in items])
+        for item, near in zip(items, similar):
             schema = SchemaSnapshot.model_validate_json(item.schema_json)
             texts.append(serialize(
                 item.question, schema, config.serialization, max_tokens=config.max_source_length,
                 count_tokens=lambda text: len(loaded.tokenizer(text).input_ids),
                 value_index=self._value_index(item.db_id, schema, config.serialization),
-                similar=config.similar(item.question, item.db_id),
+                similar=near,
             ))
         beams = generate(
             loaded.model, loaded.tokenizer, texts, num_beams=SERVING.num_beams,

@@ -38,7 +38,9 @@ def make_tiny_params(**overrides) -> Params:
     tiny_t5 = dict(d_model=32, d_ff=64, d_kv=8, num_heads=2, num_layers=1, num_decoder_layers=1)
     raw = {
         "ingest": {"source": "demo", "demo": {"n_pairs": 240, "n_customers": 40}},
-        "tokenize": {"vocab_size": 400, "max_source_length": 256, "max_target_length": 96},
+        # The accuracy levers params.yaml switches on, so every stage and the service are tested with them.
+        "tokenize": {"vocab_size": 400, "max_source_length": 256, "max_target_length": 96,
+                     "serialization": {"schema_linking": True, "retrieval_k": 1, "split_punctuation": True}},
         "train": {"t5": tiny_t5, "epochs": 1, "max_train_minutes": 0.5, "eval_steps": 10, "batch_size": 8},
         "distill": {"student": tiny_t5, "epochs": 1, "max_train_minutes": 0.3, "batch_size": 8},
         "export": {"parity_examples": 4},
@@ -142,15 +144,28 @@ _TINY_PAIRS = [
 
 
 def write_tiny_tokenize_inputs(root: Path, n_train: int = 48, n_dev: int = 8, n_test: int = 8) -> None:
-    """data/ingested/schemas/*.json + data/validated/examples.parquet in the documented shape."""
+    """data/ingested/schemas/*.json, databases/*.sqlite (tables holding their sample values) + databases.json,
+    and data/validated/examples.parquet, in the documented shape."""
     import json
+    import sqlite3
 
     import pandas as pd
 
     schemas = root / "data" / "ingested" / "schemas"
     schemas.mkdir(parents=True, exist_ok=True)
+    (root / "data" / "ingested" / "databases").mkdir(exist_ok=True)
     for db_id, snapshot in TINY_SCHEMAS.items():
         (schemas / f"{db_id}.json").write_text(json.dumps(snapshot))
+        with sqlite3.connect(root / "data" / "ingested" / "databases" / f"{db_id}.sqlite") as connection:
+            for table in snapshot["tables"]:
+                names = [c["name"] for c in table["columns"]]
+                connection.execute(f"CREATE TABLE {table['name']} ({', '.join(names)})")
+                for column in table["columns"]:
+                    for value in column.get("samples", []):
+                        connection.execute(f"INSERT INTO {table['name']} ({column['name']}) VALUES (?)", (value,))
+        connection.close()
+    (root / "data" / "ingested" / "databases.json").write_text(
+        json.dumps({db_id: f"databases/{db_id}.sqlite" for db_id in TINY_SCHEMAS}))
     cities, letters = ["Paris", "Lyon", "Nice", "Oslo"], "abcdefghij"
     rows = []
     for i in range(n_train + n_dev + n_test):

@@ -69,6 +69,7 @@ class SerializationParams(Section):
     # their SQL, written into the input; 0 = off. `retrieval_dropout` of the training inputs go without, so
     # the model also learns to answer for a database it has no examples of.
     retrieval_k: int = Field(0, ge=0)
+    retrieval_encoder: Literal["tfidf", "minilm"] = "minilm"  # question similarity (pipelines/common/retrieval.py)
     # SQL punctuation as tokens of its own: the scratch tokenizer isolates . , ( ) : ; | * = < > ! and quotes,
     # and SQL targets are spaced (`t1 . name`, `count ( * )`), so an identifier is the same tokens in the
     # schema, the similar examples and the output. Predictions are tidied back (`t1.name`).

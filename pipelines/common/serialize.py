@@ -48,7 +48,7 @@ from pipelines.common.retrieval import BankExample, ExampleBank
 from pipelines.common.schema_linking import fold
 
 # Bumped when the text format changes, so a model is never fed inputs in a format it was not trained on.
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 
 class SerializationConfig(BaseModel):
@@ -65,13 +65,22 @@ class SerializationConfig(BaseModel):
     examples: list[BankExample] = []
     _bank: ExampleBank | None = PrivateAttr(None)
 
+    def __eq__(self, other: object) -> bool:
+        # Fields only: pydantic would also compare the lazily built `_bank`.
+        return isinstance(other, SerializationConfig) and self.model_dump() == other.model_dump()
+
     def similar(self, question: str, db_id: str | None, exclude: int | None = None) -> list[BankExample]:
         """The `retrieval_k` bank examples of `db_id` nearest to `question` (none when retrieval is off)."""
-        if self.serialization.retrieval_k == 0 or db_id is None:
-            return []
+        return self.similar_batch([question], [db_id], [exclude])[0]
+
+    def similar_batch(self, questions: list[str], db_ids: list[str | None],
+                      excludes: list[int | None] | None = None) -> list[list[BankExample]]:
+        """`similar` for many questions at once (one embedding pass)."""
+        if self.serialization.retrieval_k == 0:
+            return [[] for _ in questions]
         if self._bank is None:
-            self._bank = ExampleBank(self.examples)
-        return self._bank.nearest(question, db_id, self.serialization.retrieval_k, exclude=exclude)
+            self._bank = ExampleBank(self.examples, self.serialization.retrieval_encoder)
+        return self._bank.nearest_batch(questions, db_ids, self.serialization.retrieval_k, excludes)
 
 
 def save_config(directory: str | Path, config: SerializationConfig) -> Path:

@@ -99,6 +99,9 @@ def _parse_all(sql: str, dialect: str) -> list[exp.Expression]:
         raise SQLParseError(_ANSI_ESCAPE.sub("", str(exc)).strip()) from exc
     except SqlglotError as exc:
         raise SQLParseError(f"{exc.__class__.__name__}: {exc}") from exc
+    except RecursionError as exc:
+        # Model output such as "( ( ( ( ..." nests deeper than the recursive-descent parser can follow.
+        raise SQLParseError("SQL nested too deeply to parse") from exc
     if not statements:
         raise SQLParseError("no SQL statement found")
     return statements

@@ -230,3 +230,16 @@ def test_dvc_mode_on_the_trained_pipeline_workspace(trained_workspace, workspace
     mlflow.set_tracking_uri(f"sqlite:///{workspace / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=[params.tracking.experiment], output_format="list")
     assert [r.data.metrics["ex_execution_guided"] for r in runs] == [summary["ex_execution_guided"]]
+
+
+def test_summary_reports_what_copying_the_retrieved_sql_would_score():
+    def record(verdict: str, retrieved: str | None) -> dict:
+        decoded = {"sql": "select 1", "verdict": verdict, "error": None, "exact_match": False}
+        extra = {"retrieved": {"sql": "select 1", "verdict": retrieved}} if retrieved else {}
+        return {"gold_error": None, "hardness": "easy", "latency_ms": 1.0, "greedy": decoded, "beam": decoded,
+                "execution_guided": decoded, **extra}
+
+    with_bank = evaluate.summarize([record("correct", "wrong"), record("wrong", "correct"),
+                                    record("wrong", "correct"), record("correct", None)])
+    assert (with_bank["ex_execution_guided"], with_bank["ex_retrieved_copy"]) == (0.5, 0.5)
+    assert "ex_retrieved_copy" not in evaluate.summarize([record("correct", None)])

@@ -75,7 +75,7 @@ def test_tokenized_splits_match_the_contract(tokenized):
         source["sql"], make_tiny_params().tokenize.serialization
     )
     assert tokenizer.decode(first["input_ids"], skip_special_tokens=True).startswith(
-        f"question: {source['question'].lower()} | schema: "
+        f"question: {source['question'].lower()} | similar: "
     )
     labels = [i for row in dataset["train"]["labels"] for i in row]
     assert tokenizer.unk_token_id not in labels

@@ -13,6 +13,7 @@ from pipelines.common import databases
 from pipelines.common.errors import PipelineError
 from pipelines.common.schema import SchemaSnapshot, introspect
 from pipelines.common.sql import (
+    SQLError,
     SQLExecutionError,
     SQLParseError,
     SQLTimeoutError,
@@ -278,3 +279,15 @@ def test_mask_url_and_dialects():
     assert databases.sqlglot_dialect("postgresql+psycopg2://h/db") == "postgres"
     assert databases.sqlglot_dialect("data/x.sqlite") == "sqlite"
     assert databases.sqlite_path("sqlite:////tmp/x.sqlite").as_posix() == "/tmp/x.sqlite"
+
+
+def test_deeply_nested_model_output_is_a_parse_error_not_a_crash(tmp_path):
+    import sqlite3
+
+    db = tmp_path / "nested.sqlite"
+    sqlite3.connect(db).execute("CREATE TABLE t (a INT)").connection.close()
+    nested = "select a from t where a = " + "( " * 5000 + "1" + " )" * 5000
+    with pytest.raises(SQLParseError, match="nested too deeply"):
+        parse_sql(nested)
+    with pytest.raises(SQLError):
+        execute_readonly(db, nested, timeout_s=1.0, max_rows=1)
