@@ -156,7 +156,9 @@ def write_tiny_tokenize_inputs(root: Path, n_train: int = 48, n_dev: int = 8, n_
     (root / "data" / "ingested" / "databases").mkdir(exist_ok=True)
     for db_id, snapshot in TINY_SCHEMAS.items():
         (schemas / f"{db_id}.json").write_text(json.dumps(snapshot))
-        with sqlite3.connect(root / "data" / "ingested" / "databases" / f"{db_id}.sqlite") as connection:
+        database = root / "data" / "ingested" / "databases" / f"{db_id}.sqlite"
+        database.unlink(missing_ok=True)  # called again on the same workspace by some tests
+        with sqlite3.connect(database) as connection:
             for table in snapshot["tables"]:
                 names = [c["name"] for c in table["columns"]]
                 connection.execute(f"CREATE TABLE {table['name']} ({', '.join(names)})")
@@ -208,7 +210,7 @@ EVAL_PAIRS = [
 ]
 
 
-def build_eval_workspace(root: Path, train_steps: int = 60) -> Path:
+def build_eval_workspace(root: Path, train_steps: int = 150) -> Path:
     """data/ingested + data/validated for one SQLite database, and models/student: a T5 of ~100k weights
     fitted on EVAL_PAIRS (so it answers most of them right), saved like the train stage saves models."""
     import json
