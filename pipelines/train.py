@@ -117,6 +117,7 @@ def training_arguments(params: Params, output_dir: Path, choice, has_dev: bool, 
         weight_decay=mechanics.weight_decay,
         warmup_ratio=mechanics.warmup_ratio,
         lr_scheduler_type=mechanics.lr_scheduler,
+        optim=mechanics.optimizer,
         num_train_epochs=epochs,
         group_by_length=True,  # batches of similar length: far less padding on long schemas
         eval_strategy="steps" if has_dev else "no",
