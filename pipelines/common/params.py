@@ -101,8 +101,9 @@ class TrainParams(Section):
     weight_decay: float = Field(0.01, ge=0)
     warmup_ratio: float = Field(0.05, ge=0, lt=1)
     lr_scheduler: Literal["linear", "cosine"] = "linear"
-    # adafactor: T5's own optimizer (scales updates by parameter size); adamw_torch: AdamW
-    optimizer: Literal["adamw_torch", "adafactor"] = "adamw_torch"
+    # adafactor: T5's own optimizer (scales updates by parameter size); adamw_torch_fused (the Trainer's
+    # default) and adamw_torch: AdamW
+    optimizer: Literal["adamw_torch_fused", "adamw_torch", "adafactor"] = "adamw_torch_fused"
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     epochs: float = Field(8, gt=0)
     max_train_minutes: float | None = Field(6.0, gt=0)
