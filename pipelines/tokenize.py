@@ -279,8 +279,6 @@ def retrieved_examples(examples: pd.DataFrame, is_train, config: SerializationCo
     import random
 
     cfg = config.serialization
-    if not cfg.retrieval_k:
-        return [[] for _ in range(len(examples))]
     rng = random.Random(seed)
     bank_index = iter(range(len(examples)))
     excludes = [next(bank_index) if train else None for train in is_train]

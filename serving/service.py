@@ -183,17 +183,21 @@ def _registry_client():
 
 
 def _load(uri: str) -> LoadedModel:
-    """Load a local export directory, or the registry version `uri` points at (downloaded once)."""
+    """Load a local export directory, or the registry version `uri` points at (downloaded once), with its
+    retrieval index built."""
     from pipelines.common.tracking import download_version, parse_model_uri, resolve_version
 
     ref = parse_model_uri(uri)
     if ref is None:
         model, tokenizer, config = load_for_generation(uri)
-        return LoadedModel(model, tokenizer, config, f"local:{Path(uri).resolve().name}")
-    client = _registry_client()
-    version = resolve_version(client, ref)
-    model, tokenizer, config = load_for_generation(download_version(client, version, MODEL_CACHE))
-    return LoadedModel(model, tokenizer, config, str(version.version))
+        version = f"local:{Path(uri).resolve().name}"
+    else:
+        client = _registry_client()
+        registered = resolve_version(client, ref)
+        model, tokenizer, config = load_for_generation(download_version(client, registered, MODEL_CACHE))
+        version = str(registered.version)
+    config.prepare_retrieval()
+    return LoadedModel(model, tokenizer, config, version)
 
 
 def _current_registry_version(uri: str) -> str | None:

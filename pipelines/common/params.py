@@ -70,11 +70,11 @@ class SerializationParams(Section):
     # the model also learns to answer for a database it has no examples of.
     retrieval_k: int = Field(0, ge=0)
     retrieval_encoder: Literal["tfidf", "minilm"] = "minilm"  # question similarity (pipelines/common/retrieval.py)
+    retrieval_dropout: float = Field(0.0, ge=0.0, le=1.0)
     # SQL punctuation as tokens of its own: the scratch tokenizer isolates . , ( ) : ; | * = < > ! and quotes,
     # and SQL targets are spaced (`t1 . name`, `count ( * )`), so an identifier is the same tokens in the
     # schema, the similar examples and the output. Predictions are tidied back (`t1.name`).
     split_punctuation: bool = False
-    retrieval_dropout: float = Field(0.0, ge=0.0, le=1.0)
 
 
 class TokenizeParams(Section):

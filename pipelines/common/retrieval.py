@@ -75,7 +75,8 @@ class ExampleBank:
         self._by_db: dict[str, list[int]] = defaultdict(list)
         for i, example in enumerate(self.examples):
             self._by_db[example.db_id].append(i)
-        self._embeddings = None  # minilm: one normalized row per example, computed on first use
+        self._embeddings = None  # minilm: one normalized row per example, computed by prepare()
+        self._row_of_question: dict[str, int] = {}
         self._postings: dict[str, dict[str, list[tuple[int, float]]]] = {}
         self._idf: dict[str, dict[str, float]] = {}
         if encoder == "tfidf":
@@ -104,6 +105,12 @@ class ExampleBank:
             return _sentence_encoder().encode(list(questions), batch_size=_EMBED_BATCH, convert_to_tensor=True,
                                               normalize_embeddings=True, show_progress_bar=False)
 
+    def prepare(self) -> None:
+        """Embed the bank now (minilm) rather than on the first query; the TF-IDF index is built in __init__."""
+        if self.encoder == "minilm" and self._embeddings is None:
+            self._embeddings = self._embed([e.question for e in self.examples])
+            self._row_of_question = {e.question: i for i, e in enumerate(self.examples)}
+
     def nearest(self, question: str, db_id: str, k: int, exclude: int | None = None) -> list[BankExample]:
         """The k examples of `db_id` most similar to `question` (best first; ties keep bank order), leaving out
         bank index `exclude` (an example is not its own neighbour when training inputs are built)."""
@@ -121,14 +128,17 @@ class ExampleBank:
             for i in wanted:
                 results[i] = self._nearest_tfidf(questions[i], db_ids[i], k, excludes[i])
             return results
-        if self._embeddings is None:
-            self._embeddings = self._embed([e.question for e in self.examples])
-        queries = self._embed([questions[i] for i in wanted])
-        for row, i in enumerate(wanted):
+        self.prepare()
+        # A question already in the bank (a training input being built) reuses its embedding.
+        new = list(dict.fromkeys(questions[i] for i in wanted if questions[i] not in self._row_of_question))
+        fresh = dict(zip(new, self._embed(new))) if new else {}
+        for i in wanted:
             candidates = [j for j in self._by_db[db_ids[i]] if j != excludes[i]]
             if not candidates:
                 continue
-            scores = (self._embeddings[candidates] @ queries[row]).tolist()
+            known = self._row_of_question.get(questions[i])
+            query = self._embeddings[known] if known is not None else fresh[questions[i]]
+            scores = (self._embeddings[candidates] @ query).tolist()
             best = sorted(range(len(candidates)), key=lambda c: (-scores[c], candidates[c]))[:k]
             results[i] = [self.examples[candidates[c]] for c in best]
         return results

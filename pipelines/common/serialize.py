@@ -78,9 +78,17 @@ class SerializationConfig(BaseModel):
         """`similar` for many questions at once (one embedding pass)."""
         if self.serialization.retrieval_k == 0:
             return [[] for _ in questions]
+        return self._retrieval().nearest_batch(questions, db_ids, self.serialization.retrieval_k, excludes)
+
+    def prepare_retrieval(self) -> None:
+        """Build the retrieval index now (serving does at model load, so no request pays for it)."""
+        if self.serialization.retrieval_k:
+            self._retrieval().prepare()
+
+    def _retrieval(self) -> ExampleBank:
         if self._bank is None:
             self._bank = ExampleBank(self.examples, self.serialization.retrieval_encoder)
-        return self._bank.nearest_batch(questions, db_ids, self.serialization.retrieval_k, excludes)
+        return self._bank
 
 
 def save_config(directory: str | Path, config: SerializationConfig) -> Path:
