@@ -15,9 +15,13 @@ with both, e.g. `--levers baseline,linking,linking+retrieval`):
   of the same database in the input (column "EX copy": what copying the nearest example's SQL scores alone);
 - punctuation: `tokenize.serialization.split_punctuation: true` (SQL punctuation as tokens of its own,
   spaced SQL targets);
-- constrained: `evaluate.constrained: true`; decoding only, so it re-evaluates the baseline row's model
-  (its tokenize/train figures are the baseline's) when a baseline row ran before it, else trains its own;
+- constrained: `evaluate.constrained: true`;
+- candidates: `evaluate.example_candidates` = `--example-candidates` (default params.yaml's, or 3 where that is 0):
+  the SQL of the nearest examples joins the beams as answer candidates, ranked by the model (column "from
+  examples": the share of answers that were an example's SQL); needs retrieval for a bank of examples;
 - all: every lever above together.
+constrained and candidates change decoding only: a row that differs from an earlier row by them alone
+re-evaluates that row's model (its tokenize/train figures are that row's) instead of training again.
 Training gets `--train-minutes` of wall clock (`train.max_train_minutes`) and `--epochs` (default params.yaml's;
 the learning-rate schedule is planned over the epochs, so pick them to roughly fill the budget); tokenization and evaluation are timed separately. The table shows EX for greedy / beam /
 execution-guided decoding, valid-SQL rate (execution-guided), EX per Spider hardness (execution-guided), mean
@@ -43,7 +47,8 @@ from pipelines.common.errors import PipelineError  # noqa: E402
 from pipelines.common.metrics import HARDNESS_LEVELS  # noqa: E402
 from pipelines.common.params import Params, load_params  # noqa: E402
 
-LEVERS = ("baseline", "linking", "synthetic", "retrieval", "punctuation", "constrained", "all")
+LEVERS = ("baseline", "linking", "synthetic", "retrieval", "punctuation", "constrained", "candidates", "all")
+DECODING_LEVERS = {"constrained", "candidates"}
 
 
 def row_levers(row: str) -> set[str]:
@@ -76,7 +81,10 @@ def row_params(base: Params, row: str, args: argparse.Namespace) -> Params:
     raw["train"]["max_train_minutes"] = args.train_minutes
     if args.epochs is not None:
         raw["train"]["epochs"] = args.epochs
-    raw["evaluate"].update(model="teacher", max_examples=args.eval_examples, constrained="constrained" in levers)
+    raw["evaluate"].update(
+        model="teacher", max_examples=args.eval_examples, constrained="constrained" in levers,
+        example_candidates=(args.example_candidates or base.evaluate.example_candidates or 3)
+        if "candidates" in levers else 0)
     return Params.model_validate(raw)
 
 
@@ -113,13 +121,14 @@ def _pct(value) -> str:
 
 
 def table(rows: list[dict]) -> str:
-    header = ["row", "EX greedy", "EX beam", "EX exec-guided", "EX copy", "valid SQL", *(f"EX {h}" for h in HARDNESS_LEVELS),
+    header = ["row", "EX greedy", "EX beam", "EX exec-guided", "EX copy", "from examples", "valid SQL",
+              *(f"EX {h}" for h in HARDNESS_LEVELS),
               "n test", "train ex", "tokens/input", "train ex/s", "tokenize s", "train s", "eval s"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         e, t = row["eval"], row["train"]
         cells = [row["lever"], _pct(e["ex_greedy"]), _pct(e["ex_beam"]), _pct(e["ex_execution_guided"]),
-                 _pct(e.get("ex_retrieved_copy")), _pct(e["valid_sql"]),
+                 _pct(e.get("ex_retrieved_copy")), _pct(e.get("answered_from_examples")), _pct(e["valid_sql"]),
                  *(f"{_pct(e.get(f'ex_{h}'))} (n={e.get(f'n_{h}', 0)})" for h in HARDNESS_LEVELS),
                  str(e["n"]), str(row["tokenize_stats"]["examples"]["train"]),
                  str(row["tokenize_stats"]["mean_source_tokens"]), str(t.get("examples_per_s")),
@@ -142,6 +151,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="retrieval_k of the retrieval rows (default: params.yaml's, or 1 where that is 0)")
     parser.add_argument("--retrieval-dropout", type=float,
                         help="retrieval_dropout of the retrieval rows (default: params.yaml's)")
+    parser.add_argument("--example-candidates", type=int,
+                        help="evaluate.example_candidates of the candidates rows (default: params.yaml's, or 3 where that is 0)")
     parser.add_argument("--max-examples", type=int, help="ingest.max_examples (a seeded subset of the dataset)")
     parser.add_argument("--eval-examples", type=int, help="evaluate.max_examples (default: the whole split)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the issue's budget: 2 cores)")
@@ -176,25 +187,27 @@ def main(argv: list[str]) -> int:
     rows, data_workspaces = [], {}
     with contextlib.ExitStack() as stack:
         tmp = args.workdir or stack.enter_context(tempfile.TemporaryDirectory(prefix="nl2sql-bench-"))
+        trained: dict[frozenset, tuple[str, Path]] = {}  # training levers -> (row, workspace) already trained
         for lever in args.levers:
             params = row_params(base, lever, args)
             print(f"== {lever}: {args.dataset} {args.split_mode}, {args.train_minutes} min training", flush=True)
-            baseline = Path(tmp) / "baseline"
-            # Constrained decoding alone changes no trained artifact: re-evaluate the baseline's model.
-            reuse = lever == "constrained" and baseline.is_dir()
-            workspace = baseline if reuse else Path(tmp) / lever
+            training_levers = frozenset(row_levers(lever) - DECODING_LEVERS)
+            reused = trained.get(training_levers)
+            workspace = reused[1] if reused else Path(tmp) / lever
             workspace.mkdir(parents=True, exist_ok=True)
             key = data_key(params)
             try:
-                figures = run_row(params, workspace, evaluate_only=reuse, data_from=data_workspaces.get(key))
+                figures = run_row(params, workspace, evaluate_only=reused is not None,
+                                  data_from=data_workspaces.get(key))
             except PipelineError as exc:
                 print(f"{lever}: failed: {exc}", file=sys.stderr)
                 return 2
             data_workspaces.setdefault(key, workspace)
-            if reuse:
-                figures["times_s"].update({k: v for k, v in rows[[r["lever"] for r in rows].index("baseline")]
+            trained.setdefault(training_levers, (lever, workspace))
+            if reused:
+                figures["times_s"].update({k: v for k, v in rows[[r["lever"] for r in rows].index(reused[0])]
                                            ["times_s"].items() if k != "eval"})
-            rows.append({"lever": lever + (" (baseline model)" if reuse else ""), **figures})
+            rows.append({"lever": lever + (f" ({reused[0]} model)" if reused else ""), **figures})
             print(table(rows[-1:]), flush=True)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)

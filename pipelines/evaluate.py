@@ -16,8 +16,10 @@ params.yaml's ingest split settings and seed, so `test` is the same held-out spl
 would have), or `ingested` for an existing data/ingested folder. DIR gets eval.json, predictions.jsonl and
 ex_by_hardness.csv (no MLflow logging in this mode).
 
-Decodings: greedy; beam search (`num_beams`, top beam); execution-guided (the first beam that executes).
-Latency is per example at batch size 1 for beam search + execution-guided selection (what serving does);
+Decodings: greedy; beam search (`num_beams`, top beam); execution-guided, what serving answers: the first of the
+candidates that executes, the candidates being, with `example_candidates: K`, the SQL of the K nearest bank
+examples and then the beams (pipelines/common/candidates.py; `answered_from_examples` is the share of answers
+that were an example's SQL). Latency is per example at batch size 1 for that decoding;
 greedy runs batched. EX compares results as documented in pipelines/common/metrics.py; examples whose gold
 SQL fails to execute are excluded from every rate and counted in `n_gold_failed`.
 """
@@ -112,12 +114,10 @@ def _percentile(values: list[float], q: float) -> float:
 
 def evaluate_model(model, tokenizer, config, eval_set: EvalSet,
                    options: EvaluateParams) -> tuple[dict, list[dict]]:
-    """Score the three decodings on `eval_set`: (flat metrics, one prediction record per example)."""
+    """Score the three decodings on `eval_set`: (flat metrics, one prediction record per example). Databases
+    without bank examples get generated ones first (`SerializationConfig.cover_databases`)."""
+    from pipelines.common.candidates import answer_candidates, model_inputs
     from pipelines.common.generate import first_executable, generate
-    from pipelines.common.serialize import serialize
-
-    def count_tokens(text: str) -> int:
-        return len(tokenizer(text).input_ids)
 
     examples = eval_set.examples
     log.info("serializing %d questions", len(examples))
@@ -126,13 +126,10 @@ def evaluate_model(model, tokenizer, config, eval_set: EvalSet,
         from pipelines.common.schema_linking import value_indexes
 
         values = value_indexes(eval_set.schemas, eval_set.targets, config.serialization.linking_values)
-    similar = config.similar_batch(examples["question"].tolist(), examples["db_id"].tolist())
-    inputs = [
-        serialize(row.question, eval_set.schemas[row.db_id], config.serialization,
-                  max_tokens=config.max_source_length, count_tokens=count_tokens,
-                  value_index=values.get(row.db_id), similar=near)
-        for row, near in zip(examples.itertuples(), similar)
-    ]
+    config.cover_databases(eval_set.schemas, eval_set.targets)
+    inputs, similar = model_inputs(config, tokenizer, examples["question"].tolist(),
+                                   [eval_set.schemas[db] for db in examples["db_id"]], examples["db_id"].tolist(),
+                                   [values.get(db) for db in examples["db_id"]], k=options.example_candidates)
     run = {"timeout_s": options.sql_timeout_s, "max_rows": options.max_rows}
     masks = None
     if options.constrained:
@@ -150,19 +147,22 @@ def evaluate_model(model, tokenizer, config, eval_set: EvalSet,
                                      max_new_tokens=options.max_new_tokens, batch_size=GREEDY_BATCH_SIZE,
                                      max_source_length=config.max_source_length, allowed=masks)]
 
-    log.info("beam search (%d beams) + execution-guided selection, batch 1, timed", options.num_beams)
-    beams, guided, latencies = [], [], []
+    log.info("beam search (%d beams)%s + execution-guided selection, batch 1, timed", options.num_beams,
+             f" + the {options.example_candidates} nearest examples" if options.example_candidates else "")
+    beams, guided, origins, latencies = [], [], [], []
     for position, (text, row) in enumerate(tqdm(list(zip(inputs, examples.itertuples())),
                                                 desc="beam + execution-guided", unit="ex", disable=len(inputs) < 20)):
         start = time.perf_counter()
-        candidates = generate(model, tokenizer, [text], num_beams=options.num_beams,
-                              num_return_sequences=options.num_beams, max_new_tokens=options.max_new_tokens,
-                              batch_size=1, max_source_length=config.max_source_length, progress=False,
-                              allowed=None if masks is None else [masks[position]])[0]
-        chosen = first_executable(candidates, eval_set.targets[row.db_id], timeout_s=options.sql_timeout_s)
+        [found] = answer_candidates(
+            model, tokenizer, config, [text], [similar[position]], num_beams=options.num_beams,
+            example_candidates=options.example_candidates, max_new_tokens=options.max_new_tokens, batch_size=1,
+            allowed=None if masks is None else [masks[position]])
+        chosen = first_executable(found.candidates, eval_set.targets[row.db_id], timeout_s=options.sql_timeout_s)
+        chosen = chosen if chosen is not None else 0
         latencies.append((time.perf_counter() - start) * 1000)
-        beams.append(candidates)
-        guided.append(candidates[chosen if chosen is not None else 0])
+        beams.append(found.beams)
+        guided.append(found.candidates[chosen])
+        origins.append(found.origins[chosen])
 
     records = []
     rows = list(examples.itertuples())
@@ -190,6 +190,7 @@ def evaluate_model(model, tokenizer, config, eval_set: EvalSet,
                 "error": predicted.error if predicted is not None else None,
                 "exact_match": m.exact_set_match(sql, row.sql, schema=schema_columns),
             }
+        record["execution_guided"]["origin"] = origins[i]
         if similar[i] and gold.ok:
             # Reference, not a decoding: what copying the nearest training example's SQL would score.
             record["retrieved"] = {"sql": similar[i][0].sql, "verdict": m.execution_verdict(
@@ -211,6 +212,9 @@ def summarize(records: list[dict]) -> dict:
         summary[f"ex_{decoding}"] = rate(sum(r[decoding]["verdict"] == m.CORRECT for r in scored), n)
         summary[f"exact_match_{decoding}"] = rate(sum(r[decoding]["exact_match"] for r in scored), n)
         summary[f"valid_sql_{decoding}"] = rate(sum(r[decoding]["error"] is None for r in scored), n)
+    # Share of served answers that are a known example's SQL rather than a beam (example_candidates > 0).
+    summary["answered_from_examples"] = rate(
+        sum(r["execution_guided"].get("origin") == "example" for r in scored), n)
     retrieved = [r for r in scored if "retrieved" in r]
     if retrieved:
         summary["ex_retrieved_copy"] = rate(sum(r["retrieved"]["verdict"] == m.CORRECT for r in retrieved), n)

@@ -14,6 +14,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from pipelines.common.cli import run_stage
+from pipelines.common.databases import resolve
 from pipelines.common.errors import PipelineError
 from pipelines.common.io import atomic_dir, write_json
 from pipelines.common.params import Params
@@ -200,13 +201,16 @@ def main(params: Params) -> None:
     cfg = params.tokenize.serialization
     max_source, max_target = params.tokenize.max_source_length, params.tokenize.max_target_length
 
-    values = linking_value_indexes(schemas, cfg)
+    database_targets = {db: resolve(db, DATABASES_INDEX) for db in schemas}
+    values = linking_value_indexes(schemas, database_targets, cfg)
     targets = [serialize_target(sql, cfg) for sql in examples["sql"]]
     is_train = (examples["split"] == "train").to_numpy()
     config = SerializationConfig(
         serialization=cfg, max_source_length=max_source, max_target_length=max_target, model_base=params.model.base,
         examples=retrieval_bank(examples, targets, is_train) if cfg.retrieval_k else [],
     )
+    # Dev/test databases without training examples retrieve as evaluation and serving will see them.
+    config.cover_databases(schemas, database_targets)
     similar = retrieved_examples(examples, is_train, config, params.seed)
     untruncated = [
         serialize(q, schemas[db], cfg, value_index=values.get(db), similar=near)
@@ -287,15 +291,13 @@ def retrieved_examples(examples: pd.DataFrame, is_train, config: SerializationCo
     return [[] if drop else near for near, drop in zip(similar, dropped)]
 
 
-def linking_value_indexes(schemas: dict[str, SchemaSnapshot], cfg) -> dict:
+def linking_value_indexes(schemas: dict[str, SchemaSnapshot], targets: dict[str, str], cfg) -> dict:
     """Per-database value indexes for schema linking (read-only queries on data/ingested's databases);
     empty when linking is off."""
     if not cfg.schema_linking or cfg.linking_values == 0:
         return {}
-    from pipelines.common.databases import resolve
     from pipelines.common.schema_linking import value_indexes
 
-    targets = {db: resolve(db, DATABASES_INDEX) for db in schemas}
     return value_indexes(schemas, targets, cfg.linking_values)
 
 

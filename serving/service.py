@@ -46,11 +46,11 @@ from pydantic import (
 
 from pipelines.common import databases, paths
 from pipelines.common.errors import PipelineError
-from pipelines.common.generate import execution_guided, generate
+from pipelines.common.candidates import answer_candidates, model_inputs
+from pipelines.common.generate import first_executable
 from pipelines.common.model_io import load_for_generation
 from pipelines.common.params import load_params
 from pipelines.common.schema import SchemaSnapshot, introspect
-from pipelines.common.serialize import serialize
 from pipelines.common.sql import SQLError, SQLExecutionError, SQLTimeoutError, check_single_select
 
 log = logging.getLogger("nl2sql.serving")
@@ -138,7 +138,8 @@ class GenerationItem(_Request):
 
 
 class GenerationResult(BaseModel):
-    candidates: list[str] = Field(description="Beam outputs, best first.")
+    candidates: list[str] = Field(description="Known examples' SQL, then beam outputs, in the order to try them.")
+    origins: list[str] = Field(description='Where each candidate comes from: "model" (a beam) or "example".')
     model_version: str = Field(description="The model version that produced them.")
 
 
@@ -146,7 +147,9 @@ class SqlResponse(BaseModel):
     sql: str = Field(description="The generated query: one read-only SELECT, SQLite dialect (canonical).")
     model_version: str = Field(description="Registry version (or local directory) of the model that answered.")
     latency_ms: float = Field(description="Time spent in the service for this request, in milliseconds.")
-    execution_guided: bool = Field(description="True when beams were checked against the database.")
+    execution_guided: bool = Field(description="True when candidates were checked against the database.")
+    origin: str = Field(description='"example" when the SQL is that of a known example similar to the question '
+                                    '(serving.example_candidates), "model" when it is a beam of the model.')
 
 
 class QueryResponse(SqlResponse):
@@ -307,22 +310,18 @@ class NL2SQL:
         concurrent requests into one `generate` call."""
         loaded = self._model  # one model for the whole batch, even if a reload swaps it meanwhile
         config = loaded.config
-        texts = []
-        similar = config.similar_batch([item.question for item in items], [item.db_id for item in items])
-        for item, near in zip(items, similar):
-            schema = SchemaSnapshot.model_validate_json(item.schema_json)
-            texts.append(serialize(
-                item.question, schema, config.serialization, max_tokens=config.max_source_length,
-                count_tokens=lambda text: len(loaded.tokenizer(text).input_ids),
-                value_index=self._value_index(item.db_id, schema, config.serialization),
-                similar=near,
-            ))
-        beams = generate(
-            loaded.model, loaded.tokenizer, texts, num_beams=SERVING.num_beams,
-            num_return_sequences=SERVING.num_beams, max_new_tokens=config.max_target_length,
-            max_source_length=config.max_source_length, batch_size=MAX_BATCH_SIZE, progress=False,
-        )
-        return [GenerationResult(candidates=candidates, model_version=loaded.version) for candidates in beams]
+        schemas = [SchemaSnapshot.model_validate_json(item.schema_json) for item in items]
+        known = {item.db_id: schema for item, schema in zip(items, schemas) if item.db_id in self._databases}
+        config.cover_databases(known, {db_id: self._databases[db_id] for db_id in known})
+        inputs, nearest = model_inputs(
+            config, loaded.tokenizer, [item.question for item in items], schemas, [item.db_id for item in items],
+            [self._value_index(item.db_id, schema, config.serialization) for item, schema in zip(items, schemas)],
+            k=SERVING.example_candidates)
+        found = answer_candidates(loaded.model, loaded.tokenizer, config, inputs, nearest,
+                                  num_beams=SERVING.num_beams, example_candidates=SERVING.example_candidates,
+                                  max_new_tokens=config.max_target_length, batch_size=MAX_BATCH_SIZE)
+        return [GenerationResult(candidates=f.candidates, origins=f.origins, model_version=loaded.version)
+                for f in found]
 
     def _value_index(self, db_id: str | None, schema: SchemaSnapshot, cfg) -> dict | None:
         """The database's own values for schema linking, built like tokenize builds them (cached per database)."""
@@ -338,14 +337,17 @@ class NL2SQL:
         [result] = await self.to_async.generate_batch([item])
         return result if isinstance(result, GenerationResult) else GenerationResult.model_validate(result)
 
-    def _choose(self, candidates: list[str], target: str | None) -> str:
-        """Execution-guided pick when a database is known, then the SELECT-only check."""
-        sql = execution_guided(candidates, target, SERVING.sql_timeout_s) if target else candidates[0]
+    def _choose(self, result: GenerationResult, target: str | None) -> tuple[str, str]:
+        """(SQL, origin): the first candidate that executes when a database is known (else the first), then the
+        SELECT-only check."""
+        chosen = first_executable(result.candidates, target, timeout_s=SERVING.sql_timeout_s) if target else None
+        chosen = chosen if chosen is not None else 0
+        sql = result.candidates[chosen]
         try:
             check_single_select(sql)
         except SQLError as exc:
             raise UnprocessableEntity(f"the model produced a statement that is not a single SELECT: {exc}") from exc
-        return sql
+        return sql, result.origins[chosen]
 
     @bentoml.api(route="/sql", input_spec=SqlRequest)
     async def sql(self, question: str, db_id: str | None = None, schema_: SchemaSnapshot | None = None) -> SqlResponse:
@@ -354,8 +356,9 @@ class NL2SQL:
         target = self._target(db_id) if db_id is not None else None
         schema = self._schema(db_id) if db_id is not None else schema_
         result = await self._generate(question, schema, db_id)
-        sql = await self._in_thread(self._choose, result.candidates, target)
+        sql, origin = await self._in_thread(self._choose, result, target)
         return SqlResponse(sql=sql, model_version=result.model_version, execution_guided=target is not None,
+                           origin=origin,
                            latency_ms=round((time.perf_counter() - started) * 1000, 2))
 
     @bentoml.api(route="/query", input_spec=QueryRequest)
@@ -366,7 +369,7 @@ class NL2SQL:
         started = time.perf_counter()
         target = self._target(db_id)
         result = await self._generate(question, self._schema(db_id), db_id)
-        sql = await self._in_thread(self._choose, result.candidates, target)
+        sql, origin = await self._in_thread(self._choose, result, target)
         try:
             rows = await self._in_thread(
                 execute_readonly, target, sql, timeout_s=SERVING.sql_timeout_s, max_rows=SERVING.max_rows
@@ -378,7 +381,7 @@ class NL2SQL:
         except SQLError as exc:
             raise UnprocessableEntity(f"the generated query cannot be run: {exc}") from exc
         return QueryResponse(
-            sql=sql, model_version=result.model_version, execution_guided=True,
+            sql=sql, model_version=result.model_version, execution_guided=True, origin=origin,
             columns=rows.columns, rows=[[_json_value(v) for v in row] for row in rows.rows],
             truncated=rows.truncated, row_count=len(rows.rows),
             latency_ms=round((time.perf_counter() - started) * 1000, 2),

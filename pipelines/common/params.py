@@ -71,6 +71,11 @@ class SerializationParams(Section):
     retrieval_k: int = Field(0, ge=0)
     retrieval_encoder: Literal["tfidf", "minilm"] = "minilm"  # question similarity (pipelines/common/retrieval.py)
     retrieval_dropout: float = Field(0.0, ge=0.0, le=1.0)
+    # Similarity bonus for an example whose SQL literals the question mentions (retrieval.literal_agreement).
+    retrieval_literal_weight: float = Field(0.0, ge=0.0)
+    # A database with no training examples (first met at inference) gets this many question/SQL pairs generated
+    # from its own schema and rows as its retrieval examples (pipelines/common/synthetic.py); 0 = none.
+    unseen_db_examples: int = Field(0, ge=0)
     # SQL punctuation as tokens of its own: the scratch tokenizer isolates . , ( ) : ; | * = < > ! and quotes,
     # and SQL targets are spaced (`t1 . name`, `count ( * )`), so an identifier is the same tokens in the
     # schema, the similar examples and the output. Predictions are tidied back (`t1.name`).
@@ -143,6 +148,9 @@ class EvaluateParams(Section):
     max_examples: int | None = Field(None, ge=1)
     # Constrained decoding (common/constrained.py): only SQL words, this schema's names and the question's words.
     constrained: bool = False
+    # The SQL of the K bank examples nearest to the question is tried before the model's beams
+    # (common/candidates.py); 0 = beams only.
+    example_candidates: int = Field(0, ge=0)
 
 
 class PromoteParams(Section):
@@ -162,6 +170,7 @@ class ServingParams(Section):
     max_rows: int = Field(1000, ge=1)
     sql_timeout_s: float = Field(5.0, gt=0)
     num_beams: int = Field(4, ge=1)
+    example_candidates: int = Field(0, ge=0)  # as evaluate.example_candidates
     reload_interval_s: float = Field(30, gt=0)
 
 

@@ -32,7 +32,10 @@ The serialization config (these options + max lengths) is saved as `serializatio
 
 from __future__ import annotations
 
+import logging
 import re
+import threading
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,6 +53,8 @@ from pipelines.common.schema_linking import fold
 # Bumped when the text format changes, so a model is never fed inputs in a format it was not trained on.
 FORMAT_VERSION = 3
 
+log = logging.getLogger(__name__)
+
 
 class SerializationConfig(BaseModel):
     """Everything needed to rebuild a model's inputs exactly as in training (evaluation, serving)."""
@@ -64,6 +69,8 @@ class SerializationConfig(BaseModel):
     # The training examples retrieval draws from (empty unless serialization.retrieval_k > 0).
     examples: list[BankExample] = []
     _bank: ExampleBank | None = PrivateAttr(None)
+    _covered: set[str] = PrivateAttr(default_factory=set)
+    _cover_lock: threading.Lock = PrivateAttr(default_factory=threading.Lock)
 
     def __eq__(self, other: object) -> bool:
         # Fields only: pydantic would also compare the lazily built `_bank`.
@@ -74,11 +81,43 @@ class SerializationConfig(BaseModel):
         return self.similar_batch([question], [db_id], [exclude])[0]
 
     def similar_batch(self, questions: list[str], db_ids: list[str | None],
-                      excludes: list[int | None] | None = None) -> list[list[BankExample]]:
-        """`similar` for many questions at once (one embedding pass)."""
+                      excludes: list[int | None] | None = None, k: int | None = None) -> list[list[BankExample]]:
+        """`similar` for many questions at once (one embedding pass); `k` nearest instead of `retrieval_k`
+        (the first `retrieval_k` of them are the input's, the rest serve as answer candidates)."""
         if self.serialization.retrieval_k == 0:
             return [[] for _ in questions]
-        return self._retrieval().nearest_batch(questions, db_ids, self.serialization.retrieval_k, excludes)
+        k = self.serialization.retrieval_k if k is None else k
+        return self._retrieval().nearest_batch(questions, db_ids, k, excludes)
+
+    def cover_databases(self, schemas: dict[str, Any], targets: dict[str, Any]) -> None:
+        """Give each database of `schemas` (db_id -> snapshot) that has no bank examples
+        `unseen_db_examples` question/SQL pairs generated from its own schema and rows (`targets`: db_id ->
+        connectable target; `synthetic.generate_pairs`, seeded by the db_id), so retrieval, and the answer
+        candidates drawn from it, also work for a database the model never saw. In memory only:
+        serialization.json keeps the training examples."""
+        n_pairs = self.serialization.unseen_db_examples
+        if not (self.serialization.retrieval_k and n_pairs):
+            return
+        from pipelines.common.synthetic import generate_pairs
+
+        bank = self._retrieval()
+        with self._cover_lock:
+            added = []
+            for db_id, schema in sorted(schemas.items()):
+                if db_id in self._covered or bank.has_database(db_id) or targets.get(db_id) is None:
+                    continue
+                self._covered.add(db_id)  # tried once, even when the database yields no pairs
+                try:
+                    pairs = generate_pairs(schema, targets[db_id], n_pairs, seed=zlib.crc32(db_id.encode()))
+                except PipelineError as exc:
+                    log.warning("%s: no generated examples for retrieval: %s", db_id, exc)
+                    continue
+                added += [BankExample(db_id=db_id, question=p["question"],
+                                      sql=serialize_target(p["sql"], self.serialization)) for p in pairs]
+            if added:
+                log.info("retrieval: %d generated examples for %d database(s) without training examples",
+                         len(added), len({e.db_id for e in added}))
+                bank.add(added)
 
     def prepare_retrieval(self) -> None:
         """Build the retrieval index now (serving does at model load, so no request pays for it)."""
@@ -87,7 +126,8 @@ class SerializationConfig(BaseModel):
 
     def _retrieval(self) -> ExampleBank:
         if self._bank is None:
-            self._bank = ExampleBank(self.examples, self.serialization.retrieval_encoder)
+            self._bank = ExampleBank(self.examples, self.serialization.retrieval_encoder,
+                                     self.serialization.retrieval_literal_weight)
         return self._bank
 
 

@@ -243,3 +243,13 @@ def test_summary_reports_what_copying_the_retrieved_sql_would_score():
                                     record("wrong", "correct"), record("correct", None)])
     assert (with_bank["ex_execution_guided"], with_bank["ex_retrieved_copy"]) == (0.5, 0.5)
     assert "ex_retrieved_copy" not in evaluate.summarize([record("correct", None)])
+
+
+def test_summary_reports_how_many_answers_were_a_known_examples_sql():
+    def record(origin: str) -> dict:
+        decoded = {"sql": "select 1", "verdict": "correct", "error": None, "exact_match": False}
+        return {"gold_error": None, "hardness": "easy", "latency_ms": 1.0, "greedy": decoded, "beam": decoded,
+                "execution_guided": {**decoded, "origin": origin}}
+
+    summary = evaluate.summarize([record("example"), record("model"), record("model"), record("model")])
+    assert summary["answered_from_examples"] == 0.25

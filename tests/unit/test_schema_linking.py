@@ -104,7 +104,7 @@ def test_value_index_reads_the_most_frequent_text_values_read_only(tmp_path):
 
 
 def test_tokenize_builds_value_indexes_only_when_linking_is_on(workspace):
-    from pipelines.common.databases import write_index
+    from pipelines.common.databases import resolve, write_index
     from pipelines.tokenize import linking_value_indexes
 
     (workspace / "data/ingested/databases").mkdir(parents=True)
@@ -114,7 +114,8 @@ def test_tokenize_builds_value_indexes_only_when_linking_is_on(workspace):
         connection.execute("CREATE TABLE orders (order_id INTEGER PRIMARY KEY, customer_id INTEGER, amount REAL, "
                            "ordered_on DATE)")
     write_index({"shop": "databases/shop.sqlite"}, workspace / "data/ingested/databases.json")
-    assert linking_value_indexes({"shop": SHOP}, SerializationParams()) == {}
-    indexes = linking_value_indexes({"shop": SHOP}, LINKED)
+    targets = {"shop": resolve("shop", workspace / "data/ingested/databases.json")}
+    assert linking_value_indexes({"shop": SHOP}, targets, SerializationParams()) == {}
+    indexes = linking_value_indexes({"shop": SHOP}, targets, LINKED)
     assert indexes["shop"]["customers"]["city"] == ["Rennes"]
     assert "*city (text, = 'Rennes')" in serialize("orders from Rennes", SHOP, LINKED, value_index=indexes["shop"])
