@@ -198,7 +198,7 @@ def main(argv: list[str]) -> int:
             key = data_key(params)
             try:
                 figures = run_row(params, workspace, evaluate_only=reused is not None,
-                                  data_from=data_workspaces.get(key))
+                                  data_from=None if reused else data_workspaces.get(key))
             except PipelineError as exc:
                 print(f"{lever}: failed: {exc}", file=sys.stderr)
                 return 2

@@ -210,7 +210,7 @@ EVAL_PAIRS = [
 ]
 
 
-def build_eval_workspace(root: Path, train_steps: int = 150) -> Path:
+def build_eval_workspace(root: Path, train_steps: int = 300) -> Path:
     """data/ingested + data/validated for one SQLite database, and models/student: a T5 of ~100k weights
     fitted on EVAL_PAIRS (so it answers most of them right), saved like the train stage saves models."""
     import json

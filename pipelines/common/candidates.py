@@ -2,14 +2,15 @@
 executes read-only wins.
 
 Users of one database ask variations of the same questions, and a known example's query is often the answer.
-On SpiderMan, the nearest example's SQL is right for 50.7% of the held-out questions of databases the model
+On SpiderMan, the nearest example's SQL is right for 51.1% of the held-out questions of databases the model
 trained on (by question) and, with `unseen_db_examples` pairs generated from a new database's own schema and
-rows, for 17.6% of the questions of databases it never saw (by database), where a T5 trained from scratch for
-30 minutes on CPU writes a correct query for 4% and 1%. So with `example_candidates: K` the candidates are the
+rows, for 15.0% of the questions of databases it never saw (by database), where a T5 trained from scratch for
+30 minutes on CPU writes a correct query for 5.7% and 1.7% (bench/accuracy.py, README "Figures"). So with `example_candidates: K` the candidates are the
 SQL of the K nearest examples (in retrieval order), then the model's beams, which answer whatever has no
 example that runs (a database with no bank, an inline schema). Measured and rejected: letting the model rank
 examples and beams together by its mean log-probability of each (by question 19% EX; it prefers generic
-queries) or rank the examples alone (25.5% for the top two, below the nearest one's 49%).
+queries) or rank the examples alone (25.5% for the top two, below the nearest one's 49%), and voting among the
+five nearest by summed similarity (22%).
 
 `model_inputs` and `answer_candidates` are shared by evaluation, `pipelines.predict` and serving, so all three
 answer the same way; the caller picks the first candidate that executes (`generate.first_executable`).

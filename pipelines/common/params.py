@@ -71,7 +71,7 @@ class SerializationParams(Section):
     retrieval_k: int = Field(0, ge=0)
     retrieval_encoder: Literal["tfidf", "minilm"] = "minilm"  # question similarity (pipelines/common/retrieval.py)
     retrieval_dropout: float = Field(0.0, ge=0.0, le=1.0)
-    # Similarity bonus for an example whose SQL literals the question mentions (retrieval.literal_agreement).
+    # Similarity bonus x the share of an example's SQL literals the question mentions (retrieval.literal_agreement).
     retrieval_literal_weight: float = Field(0.0, ge=0.0)
     # A database with no training examples (first met at inference) gets this many question/SQL pairs generated
     # from its own schema and rows as its retrieval examples (pipelines/common/synthetic.py); 0 = none.

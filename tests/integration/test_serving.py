@@ -32,7 +32,7 @@ RELOAD_INTERVAL_S = 10
 
 def _params():
     return make_tiny_params(serving={"reload_interval_s": RELOAD_INTERVAL_S, "num_beams": 2,
-                                     "max_question_chars": 200, "max_rows": 3})
+                                     "max_question_chars": 200, "max_rows": 3, "example_candidates": 1})
 
 
 def _promote(root: Path, value: float) -> dict:
@@ -108,6 +108,7 @@ def test_sql_for_known_database(server):
     assert body["sql"] == "select name from customers"
     assert body["model_version"] == "1"
     assert body["latency_ms"] > 0 and body["execution_guided"] is True
+    assert body["origin"] == "model"  # this version has no retrieval examples
 
 
 def test_sql_for_inline_schema(server, served_workspace):
@@ -208,7 +209,14 @@ def test_new_champion_is_served_without_restart(server, served_workspace):
     assert reload["changed"] or reload["previous_version"] == "3"
     assert server.post("/sql", json={"question": "names of customers", "db_id": "shop"}).json()["model_version"] == "3"
 
-    # Background check every serving.reload_interval_s: no call to /reload needed.
+    # Background check every serving.reload_interval_s: no call to /reload needed. This version knows an
+    # example, whose SQL answers a question like it before the model's beams.
+    config_path = served_workspace / "models" / "onnx" / "fp32" / "serialization.json"
+    config = json.loads(config_path.read_text())
+    config["serialization"]["retrieval_k"] = 1
+    config["examples"] = [{"db_id": "shop", "question": "How many customers live in Paris?",
+                           "sql": "select count ( * ) from customers where city = 'Paris'"}]
+    config_path.write_text(json.dumps(config))
     assert _promote(served_workspace, 0.95)["version"] == 4
     deadline = time.monotonic() + RELOAD_INTERVAL_S + 60
     while True:
@@ -217,3 +225,5 @@ def test_new_champion_is_served_without_restart(server, served_workspace):
             break
         time.sleep(1)
     assert version == "4"
+    body = server.post("/sql", json={"question": "how many customers are in paris?", "db_id": "shop"}).json()
+    assert (body["sql"], body["origin"]) == ("select count(*) from customers where city = 'Paris'", "example")

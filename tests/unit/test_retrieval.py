@@ -118,8 +118,9 @@ def test_literal_weight_prefers_the_example_whose_values_the_question_names():
     from pipelines.common.retrieval import literal_agreement, sql_literals
 
     assert sql_literals("select name from t where city = 'Paris' and age > 30 limit 1") == ["paris", "30", "1"]
-    assert literal_agreement("customers in paris older than 30", ["paris", "30"]) == 0.5
-    assert literal_agreement("customers in lyon", ["paris"]) == -0.5
+    assert literal_agreement("customers in paris older than 30", ["paris", "30"]) == 1.0
+    assert literal_agreement("customers in paris older than 40", ["paris", "30"]) == 0.5
+    assert literal_agreement("customers in lyon", ["paris"]) == 0.0
     assert literal_agreement("how many customers", []) == 0.0
     bank = [BankExample(db_id="shop", question="Which customers live in Paris?",
                         sql="select name from customers where city = 'Paris'"),
