@@ -118,23 +118,26 @@ class ExampleBank:
         return db_id in self._by_db
 
     def add(self, examples: Sequence[BankExample]) -> None:
-        """Append `examples` (e.g. those of a database first met at inference), indexing only them."""
+        """Append `examples` (e.g. those of a database first met at inference), indexing only them. A database
+        becomes visible to `nearest` only once its index is complete, so a concurrent query never sees half."""
         start = len(self.examples)
         self.examples += examples
+        added: dict[str, list[int]] = defaultdict(list)
         for i, example in enumerate(examples, start):
-            self._by_db[example.db_id].append(i)
+            added[example.db_id].append(i)
         if self.encoder == "tfidf":
-            self._build_tfidf({e.db_id for e in examples})
+            self._build_tfidf({db_id: self._by_db.get(db_id, []) + indexes for db_id, indexes in added.items()})
         elif self._embeddings is not None and examples:
             import torch
 
             self._embeddings = torch.cat([self._embeddings, self._embed([e.question for e in examples])])
             for i, example in enumerate(examples, start):
                 self._row_of_question.setdefault(example.question, i)
+        for db_id, indexes in added.items():
+            self._by_db[db_id] = self._by_db.get(db_id, []) + indexes
 
-    def _build_tfidf(self, db_ids) -> None:
-        for db_id in db_ids:
-            indexes = self._by_db[db_id]
+    def _build_tfidf(self, indexes_by_db: dict[str, list[int]]) -> None:
+        for db_id, indexes in indexes_by_db.items():
             terms = {i: question_terms(self.examples[i].question) for i in indexes}
             document_frequency = Counter(t for counts in terms.values() for t in counts)
             idf = {t: math.log((1 + len(indexes)) / (1 + df)) + 1.0 for t, df in document_frequency.items()}
