@@ -17,8 +17,8 @@ with both, e.g. `--levers baseline,linking,linking+retrieval`):
   spaced SQL targets);
 - constrained: `evaluate.constrained: true`;
 - candidates: `evaluate.example_candidates` = `--example-candidates` (default params.yaml's, or 3 where that is 0):
-  the SQL of the nearest examples joins the beams as answer candidates, ranked by the model (column "from
-  examples": the share of answers that were an example's SQL); needs retrieval for a bank of examples;
+  the SQL of the nearest examples is tried before the beams (column "from examples": the share of answers
+  that were an example's SQL); needs retrieval for a bank of examples;
 - all: every lever above together.
 constrained and candidates change decoding only: a row that differs from an earlier row by them alone
 re-evaluates that row's model (its tokenize/train figures are that row's) instead of training again.

@@ -114,8 +114,7 @@ def _percentile(values: list[float], q: float) -> float:
 
 def evaluate_model(model, tokenizer, config, eval_set: EvalSet,
                    options: EvaluateParams) -> tuple[dict, list[dict]]:
-    """Score the three decodings on `eval_set`: (flat metrics, one prediction record per example). Databases
-    without bank examples get generated ones first (`SerializationConfig.cover_databases`)."""
+    """Score the three decodings on `eval_set`: (flat metrics, one prediction record per example)."""
     from pipelines.common.candidates import answer_candidates, model_inputs
     from pipelines.common.generate import first_executable, generate
 
@@ -126,10 +125,10 @@ def evaluate_model(model, tokenizer, config, eval_set: EvalSet,
         from pipelines.common.schema_linking import value_indexes
 
         values = value_indexes(eval_set.schemas, eval_set.targets, config.serialization.linking_values)
-    config.cover_databases(eval_set.schemas, eval_set.targets)
     inputs, similar = model_inputs(config, tokenizer, examples["question"].tolist(),
                                    [eval_set.schemas[db] for db in examples["db_id"]], examples["db_id"].tolist(),
-                                   [values.get(db) for db in examples["db_id"]], k=options.example_candidates)
+                                   [values.get(db) for db in examples["db_id"]],
+                                   [eval_set.targets[db] for db in examples["db_id"]], k=options.example_candidates)
     run = {"timeout_s": options.sql_timeout_s, "max_rows": options.max_rows}
     masks = None
     if options.constrained:

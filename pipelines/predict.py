@@ -4,9 +4,10 @@
         [--execute] "how many customers live in paris?"
 
 The database (SQLite file or SQLAlchemy URL such as postgresql://user@host/db) is introspected, the question
-serialized with the model's serialization.json, SQL chosen as serving chooses it (beam search, plus the nearest
-known examples with `serving.example_candidates`, ranked by the model, the first that executes) and printed. With --execute the query also runs read-only (row and time limits) and the rows are printed
-tab-separated under a header of column names."""
+serialized with the model's serialization.json, SQL chosen as serving chooses it (the SQL of the nearest known
+examples with `serving.example_candidates`, then the beams; the first that executes) and printed. With
+--execute the query also runs read-only (row and time limits) and the rows are printed tab-separated under a
+header of column names."""
 
 from __future__ import annotations
 
@@ -87,8 +88,8 @@ def predict(question: str, model_dir: str | Path, database: str, *, db_id: str |
         from pipelines.common.schema_linking import value_index_for
 
         values = value_index_for(target, schema, config.serialization.linking_values)
-    config.cover_databases({db_id: schema}, {db_id: target})
-    inputs, nearest = model_inputs(config, tokenizer, [question], [schema], [db_id], [values], k=example_candidates)
+    inputs, nearest = model_inputs(config, tokenizer, [question], [schema], [db_id], [values], [target],
+                                   k=example_candidates)
     [found] = answer_candidates(model, tokenizer, config, inputs, nearest, num_beams=num_beams,
                                 example_candidates=example_candidates, max_new_tokens=config.max_target_length,
                                 batch_size=1)

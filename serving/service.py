@@ -311,12 +311,10 @@ class NL2SQL:
         loaded = self._model  # one model for the whole batch, even if a reload swaps it meanwhile
         config = loaded.config
         schemas = [SchemaSnapshot.model_validate_json(item.schema_json) for item in items]
-        known = {item.db_id: schema for item, schema in zip(items, schemas) if item.db_id in self._databases}
-        config.cover_databases(known, {db_id: self._databases[db_id] for db_id in known})
         inputs, nearest = model_inputs(
             config, loaded.tokenizer, [item.question for item in items], schemas, [item.db_id for item in items],
             [self._value_index(item.db_id, schema, config.serialization) for item, schema in zip(items, schemas)],
-            k=SERVING.example_candidates)
+            [self._databases.get(item.db_id) for item in items], k=SERVING.example_candidates)
         found = answer_candidates(loaded.model, loaded.tokenizer, config, inputs, nearest,
                                   num_beams=SERVING.num_beams, example_candidates=SERVING.example_candidates,
                                   max_new_tokens=config.max_target_length, batch_size=MAX_BATCH_SIZE)

@@ -5,9 +5,9 @@ Users of one database ask variations of the same questions, and a known example'
 On SpiderMan, the nearest example's SQL is right for 51.1% of the held-out questions of databases the model
 trained on (by question) and, with `unseen_db_examples` pairs generated from a new database's own schema and
 rows, for 15.0% of the questions of databases it never saw (by database), where a T5 trained from scratch for
-30 minutes on CPU writes a correct query for 5.7% and 1.7% (bench/accuracy.py, README "Figures"). So with `example_candidates: K` the candidates are the
-SQL of the K nearest examples (in retrieval order), then the model's beams, which answer whatever has no
-example that runs (a database with no bank, an inline schema). Measured and rejected: letting the model rank
+30 minutes on CPU writes a correct query for 5.7% and 1.7% (bench/accuracy.py, README "Figures"). So with
+`example_candidates: K` the candidates are the SQL of the K nearest examples (in retrieval order), then the
+model's beams, which answer whatever has no example that runs (a database with no bank, an inline schema). Measured and rejected: letting the model rank
 examples and beams together by its mean log-probability of each (by question 19% EX; it prefers generic
 queries) or rank the examples alone (25.5% for the top two, below the nearest one's 49%), and voting among the
 five nearest by summed similarity (22%).
@@ -27,10 +27,16 @@ from pipelines.common.serialize import SerializationConfig, serialize, tidy_sql
 
 
 def model_inputs(config: SerializationConfig, tokenizer, questions: Sequence[str], schemas: Sequence[Any],
-                 db_ids: Sequence[str | None], value_indexes: Sequence[Any], k: int = 0,
+                 db_ids: Sequence[str | None], value_indexes: Sequence[Any], targets: Sequence[Any], k: int = 0,
                  ) -> tuple[list[str], list[list]]:
     """(input texts, the max(k, retrieval_k) bank examples nearest to each question): each question serialized
-    with its schema, value index and `retrieval_k` nearest examples, as in training."""
+    with its schema, value index and `retrieval_k` nearest examples, as in training. A database with a target
+    (connectable; None for an inline schema) and no bank examples gets generated ones first
+    (`SerializationConfig.cover_databases`)."""
+    connectable = [(db_id, schema, target) for db_id, schema, target in zip(db_ids, schemas, targets)
+                   if db_id is not None and target is not None]
+    config.cover_databases({db_id: schema for db_id, schema, _ in connectable},
+                           {db_id: target for db_id, _, target in connectable})
     nearest = config.similar_batch(list(questions), list(db_ids), k=max(k, config.serialization.retrieval_k))
 
     def count_tokens(text: str) -> int:
