@@ -90,7 +90,7 @@ def train_unigram_tokenizer(corpus: list[str], vocab_size: int, max_length: int,
     )
     log.info("training a Unigram tokenizer (vocab %d) on %d texts", vocab_size, len(corpus))
     tokenizer.train_from_iterator(corpus, trainer=trainer)
-    tokenizer = restore_frequent_words(tokenizer, corpus)
+    tokenizer = reproducible(restore_frequent_words(tokenizer, corpus))
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"$A {EOS}", pair=f"$A {EOS} $B {EOS}", special_tokens=[(EOS, tokenizer.token_to_id(EOS))]
     )
@@ -143,6 +143,23 @@ def restore_frequent_words(tokenizer, corpus: list[str], min_share: float = 0.01
     state["model"]["vocab"] = [entry for i, entry in enumerate(vocab) if i not in dropped] + missing[: len(removable)]
     log.info("frequent whole words the Unigram trainer had split: %d restored, %d re-scored (e.g. %s)",
              len(removable), raised, ", ".join(word for word, _ in missing[:5]))
+    return Tokenizer.from_str(json.dumps(state))
+
+
+def reproducible(tokenizer, special_tokens: int = 3, decimals: int = 2):
+    """The tokenizer with its vocabulary in a canonical order: special tokens first as they are, then the
+    pieces sorted by text, scores rounded to `decimals`. The Unigram trainer is not deterministic: trained
+    twice on the same corpus it finds the same pieces, but in another order and with scores a few
+    thousandths apart, so token ids (and every model trained on them) changed from run to run. Now ids are
+    the same every run; a score near a rounding boundary can still differ by one step."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    state = json.loads(tokenizer.to_str())
+    vocab = state["model"]["vocab"]
+    pieces = sorted(vocab[special_tokens:], key=lambda entry: entry[0])
+    state["model"]["vocab"] = vocab[:special_tokens] + [[piece, round(score, decimals)] for piece, score in pieces]
     return Tokenizer.from_str(json.dumps(state))
 
 

@@ -59,6 +59,14 @@ def test_split_punctuation_tokenizes_an_identifier_alike_in_schema_and_sql():
     assert tokenizer.decode(ids, skip_special_tokens=True) == SQL_WITH_EVERY_CHARACTER
 
 
+def test_scratch_tokenizer_gives_the_same_ids_every_time():
+    corpus = ["question: how many customers live in paris? | schema: customers: id (number, pk), city (text)",
+              "select count ( * ) from customers where city = 'Paris'", "select name from customers"] * 20
+    first, second = (tokenize.train_unigram_tokenizer(corpus, vocab_size=120, max_length=64) for _ in range(2))
+    assert first.get_vocab() == second.get_vocab()
+    assert (first.pad_token_id, first.eos_token_id, first.unk_token_id) == (0, 1, 2)
+
+
 def test_tokenized_splits_match_the_contract(tokenized):
     from datasets import load_from_disk
     from transformers import AutoTokenizer
