@@ -1,13 +1,17 @@
 """Export speed benchmark: PyTorch eager vs ONNX Runtime fp32 vs ONNX Runtime int8, same inputs, one run.
 
-    python bench/export_speed.py [--model-dir models/teacher] [--threads 1] [--out bench/results/export_speed.json]
+    python bench/export_speed.py [--size teacher|student | --model-dir models/teacher] [--threads 1]
+                                 [--out bench/results/export_speed.json]
 
 What it measures (printed with the results):
 - the model: `--model-dir` (a PyTorch save_pretrained T5 with tokenizer + serialization.json), or by default a
-  throwaway randomly initialized T5 of params.yaml's `train.t5` size and `tokenize.vocab_size` vocabulary:
-  speed depends on the architecture, not on what the weights learned;
+  throwaway randomly initialized T5 of params.yaml's `train.t5` size (`--size student`: `distill.student`)
+  and `tokenize.vocab_size` vocabulary: speed depends on the architecture, not on what the weights learned;
 - exported with the export stage's own code (optimum-onnx, merged decoder with past key values, int8 dynamic
-  quantization), loaded with `pipelines.common.onnx_model.load_onnx` (the session options serving uses);
+  quantization), loaded with `pipelines.common.onnx_model.load_onnx` (the session options and the decoding
+  loop evaluation and serving use); PyTorch decodes with transformers' `generate`;
+- for reference, the int8 graphs decoded by optimum's `ORTModelForSeq2SeqLM.generate` (transformers'
+  generic loop over ONNX Runtime): the library path, which our own loop replaces;
 - greedy generation with exactly `--new-tokens` output tokens per example (end-of-sequence suppressed, so every
   backend does the same number of decoder steps) from `--source-tokens` random input tokens;
 - latency p50/p95 (wall) and median CPU time over `--latency-runs` single examples (batch 1), throughput in
@@ -32,18 +36,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from pipelines import export  # noqa: E402
-from pipelines.common.onnx_model import load_onnx  # noqa: E402
+from pipelines.common.onnx_model import load_onnx, session_options  # noqa: E402
 from pipelines.common.params import load_params  # noqa: E402
-from pipelines.common.paths import SERIALIZATION_FILE  # noqa: E402
 
 THROUGHPUT_BATCH = 16
 SPEEDUP_TARGET = 3.0
 SIZE_TARGET = 3.0
 
 
-def throwaway_model(directory: Path, params_file: Path) -> str:
-    """A random T5 of the default training size, saved with a tokenizer and serialization.json so it is
-    exported exactly like a trained one. Returns a description for the report."""
+def throwaway_model(directory: Path, params_file: Path, size: str) -> str:
+    """A random T5 of the teacher's or the student's configured size, saved with a tokenizer and
+    serialization.json so it is exported exactly like a trained one. Returns a description for the report."""
     from transformers import T5Config, T5ForConditionalGeneration
 
     from pipelines.common.serialize import SerializationConfig, save_config
@@ -54,7 +57,8 @@ def throwaway_model(directory: Path, params_file: Path) -> str:
               "select count(*) from customers where city = 'paris'"] * 4
     tokenizer = train_unigram_tokenizer(corpus, vocab_size=params.tokenize.vocab_size,
                                         max_length=params.tokenize.max_source_length)
-    config = T5Config(**params.train.t5.model_dump(), vocab_size=params.tokenize.vocab_size,
+    t5 = params.train.t5 if size == "teacher" else params.distill.student
+    config = T5Config(**t5.model_dump(), vocab_size=params.tokenize.vocab_size,
                       pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
                       decoder_start_token_id=tokenizer.pad_token_id)
     torch.manual_seed(0)
@@ -64,20 +68,29 @@ def throwaway_model(directory: Path, params_file: Path) -> str:
                                                max_source_length=params.tokenize.max_source_length,
                                                max_target_length=params.tokenize.max_target_length,
                                                model_base="scratch"))
-    t5 = params.train.t5
-    return (f"throwaway random-init T5 of {params_file} train.t5 size (d_model={t5.d_model}, d_ff={t5.d_ff}, "
+    key = "train.t5" if size == "teacher" else "distill.student"
+    return (f"throwaway random-init T5 of {params_file} {key} size (d_model={t5.d_model}, d_ff={t5.d_ff}, "
             f"heads={t5.num_heads}, layers={t5.num_layers}+{t5.num_decoder_layers}, "
             f"vocab={params.tokenize.vocab_size})")
 
 
 def export_both(model_dir: Path, work: Path) -> tuple[Path, Path]:
     raw = work / "raw"
-    export.export_onnx(model_dir, raw)
-    (raw / SERIALIZATION_FILE).write_bytes((model_dir / SERIALIZATION_FILE).read_bytes())
-    export.assemble(raw, raw, work / "fp32")
+    export.export_fp32(model_dir, raw, work / "fp32")
     export.quantize_graphs(raw, work / "int8-unmerged")
     export.assemble(work / "int8-unmerged", raw, work / "int8")
     return work / "fp32", work / "int8"
+
+
+def optimum_model(directory: Path, threads: int):
+    """The same int8 graphs behind optimum's ORTModelForSeq2SeqLM (transformers' generate loop)."""
+    from optimum.onnxruntime import ORTModelForSeq2SeqLM
+
+    model = ORTModelForSeq2SeqLM.from_pretrained(directory, session_options=session_options(threads),
+                                                 use_cache=True, use_merged=True, local_files_only=True)
+    # optimum sizes the empty first-step cache with d_model // num_heads; T5 sets the head size apart (d_kv).
+    model.decoder.embed_size_per_head = model.config.d_kv
+    return model
 
 
 def timed_generate(model, input_ids: torch.Tensor, new_tokens: int) -> tuple[float, float]:
@@ -126,6 +139,8 @@ def measure(models: dict, singles: list[torch.Tensor], batch: torch.Tensor, new_
 def main(argv: list[str]) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model-dir", type=Path, help="PyTorch model to benchmark (default: throwaway, see above)")
+    parser.add_argument("--size", choices=("teacher", "student"), default="teacher",
+                        help="size of the throwaway model: params.yaml train.t5 or distill.student")
     parser.add_argument("--params", type=Path, default=REPO / "params.yaml")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads for PyTorch and ONNX Runtime alike")
     parser.add_argument("--source-tokens", type=int, default=128)
@@ -143,7 +158,7 @@ def main(argv: list[str]) -> dict:
         work = Path(tmp)
         if args.model_dir is None:
             model_dir = work / "pytorch"
-            described = throwaway_model(model_dir, args.params)
+            described = throwaway_model(model_dir, args.params, args.size)
         else:
             model_dir = args.model_dir
             described = f"{model_dir} (its trained weights)"
@@ -162,11 +177,12 @@ def main(argv: list[str]) -> dict:
         batch = random_ids(THROUGHPUT_BATCH)
         models = {"pytorch_eager": pytorch,
                   "onnx_fp32": load_onnx(fp32_dir, device="cpu", intra_op_threads=args.threads),
-                  "onnx_int8": load_onnx(int8_dir, device="cpu", intra_op_threads=args.threads)}
+                  "onnx_int8": load_onnx(int8_dir, device="cpu", intra_op_threads=args.threads),
+                  "int8_optimum": optimum_model(int8_dir, args.threads)}
         print(f"measuring {', '.join(models)} ...", flush=True)
         results = measure(models, singles, batch, args.new_tokens, args.throughput_runs)
         sizes = {"pytorch_eager": export.weights_bytes(model_dir), "onnx_fp32": export.graph_bytes(fp32_dir),
-                 "onnx_int8": export.graph_bytes(int8_dir)}
+                 "onnx_int8": export.graph_bytes(int8_dir), "int8_optimum": export.graph_bytes(int8_dir)}
         for name, size in sizes.items():
             results[name]["bytes"] = size
 
@@ -184,6 +200,8 @@ def main(argv: list[str]) -> dict:
             "int8_cpu_time_speedup_vs_eager_batch1_p50": round(eager["cpu_ms_p50"] / int8["cpu_ms_p50"], 2),
             "fp32_speedup_vs_eager_batch1_p50": round(
                 eager["latency_ms_p50"] / results["onnx_fp32"]["latency_ms_p50"], 2),
+            "int8_speedup_vs_optimum_generate_batch1_p50": round(
+                results["int8_optimum"]["latency_ms_p50"] / int8["latency_ms_p50"], 2),
             "int8_throughput_vs_eager_batch16": round(
                 int8["throughput_examples_per_s"] / eager["throughput_examples_per_s"], 2),
             "pytorch_fp32_bytes_over_int8_bytes": round(eager["bytes"] / int8["bytes"], 2),
@@ -212,6 +230,8 @@ def print_report(report: dict) -> None:
     print(f"\nint8 vs eager, batch-1 p50: {speed:.2f}x faster in wall time (target >= {SPEEDUP_TARGET}x: "
           f"{'met' if speed >= SPEEDUP_TARGET else 'NOT met'}), "
           f"{r['int8_cpu_time_speedup_vs_eager_batch1_p50']:.2f}x in CPU time")
+    print(f"int8 with our decoding loop vs the same graphs under optimum's generate, batch-1 p50: "
+          f"{r['int8_speedup_vs_optimum_generate_batch1_p50']:.2f}x")
     print(f"fp32 ONNX vs eager, batch-1 p50: {r['fp32_speedup_vs_eager_batch1_p50']:.2f}x; "
           f"int8 vs eager throughput at batch 16: {r['int8_throughput_vs_eager_batch16']:.2f}x")
     print(f"PyTorch fp32 weights / int8 ONNX files: {size:.2f}x smaller (target >= {SIZE_TARGET}x: "

@@ -28,7 +28,7 @@ from pipelines.common.errors import PipelineError
 from pipelines.common.generate import generate
 from pipelines.common.io import atomic_dir, write_json
 from pipelines.common.model_io import check_model_dir, is_onnx_dir, load_for_generation
-from pipelines.common.onnx_model import DECODER_FILE, ENCODER_FILE, is_quantized, load_onnx
+from pipelines.common.onnx_model import DECODER_FILE, ENCODER_FILE, MODEL_FILES, WEIGHTS_FILE, is_quantized, load_onnx
 from pipelines.common.params import Params
 from pipelines.common.paths import METRICS, ONNX, SERIALIZATION_FILE, STUDENT, TEACHER
 
@@ -40,6 +40,8 @@ TASK = "text2text-generation-with-past"
 DECODER_NO_PAST_FILE = "decoder_model.onnx"
 DECODER_WITH_PAST_FILE = "decoder_with_past_model.onnx"
 UNMERGED_FILES = (ENCODER_FILE, DECODER_NO_PAST_FILE, DECODER_WITH_PAST_FILE)
+# Initializers at least this large go to the shared weights file.
+EXTERNAL_MIN_BYTES = 1024
 # Mismatches quoted in the parity error (the rest are counted), each SQL cut to this many characters.
 MAX_QUOTED_MISMATCHES = 3
 MAX_QUOTED_CHARS = 120
@@ -89,8 +91,8 @@ def export_onnx(model_dir: Path, output: Path) -> None:
 
 
 def assemble(graphs: Path, metadata: Path, target: Path) -> None:
-    """Write the served layout into `target`: encoder, merged decoder, and every non-graph file
-    (config, generation config, tokenizer) of `metadata`, plus the model's serialization.json."""
+    """Write the served layout into `target`: encoder, merged decoder, their shared weights file, and
+    every non-graph file (config, generation config, tokenizer) of `metadata`, plus serialization.json."""
     from optimum.onnx import merge_decoders
 
     target.mkdir(parents=True)
@@ -98,9 +100,47 @@ def assemble(graphs: Path, metadata: Path, target: Path) -> None:
     # strict=False: the no-past decoder also outputs the cross-attention key/values, the with-past one reuses them.
     merge_decoders(graphs / DECODER_NO_PAST_FILE, graphs / DECODER_WITH_PAST_FILE,
                    save_path=target / DECODER_FILE, strict=False)
+    store_weights_once(target, (ENCODER_FILE, DECODER_FILE))
     for path in metadata.iterdir():
         if path.is_file() and path.suffix != ".onnx":
             shutil.copy2(path, target / path.name)
+
+
+def store_weights_once(directory: Path, graph_files: tuple[str, ...]) -> None:
+    """Move the large initializers of `graph_files` into one external data file (WEIGHTS_FILE), each
+    distinct tensor once. T5 ties its token embedding: optimum's encoder and decoder graphs each hold a
+    copy (identical bytes, in fp32 and after int8 quantization alike), which is a quarter of a small
+    model's weights. ONNX Runtime reads external data by (file, offset, length), so both graphs point at
+    the same bytes."""
+    import hashlib
+
+    import onnx
+    from onnx.external_data_helper import set_external_data
+
+    graphs = {name: onnx.load(str(directory / name)) for name in graph_files}
+    stored: dict[tuple, tuple[int, int]] = {}
+    with open(directory / WEIGHTS_FILE, "wb") as weights:
+        for graph in graphs.values():
+            for tensor in graph.graph.initializer:
+                if len(tensor.raw_data) < EXTERNAL_MIN_BYTES:  # scales, zero points, shapes stay inline
+                    continue
+                key = (tensor.data_type, tuple(tensor.dims), hashlib.sha256(tensor.raw_data).digest())
+                if key not in stored:
+                    stored[key] = (weights.tell(), len(tensor.raw_data))
+                    weights.write(tensor.raw_data)
+                offset, length = stored[key]
+                set_external_data(tensor, location=WEIGHTS_FILE, offset=offset, length=length)
+                tensor.ClearField("raw_data")
+    for name, graph in graphs.items():
+        onnx.save(graph, str(directory / name))
+
+
+def export_fp32(model_dir: Path, raw: Path, target: Path) -> None:
+    """optimum's graphs of `model_dir` into `raw` (kept: int8 quantizes them) and the served fp32 layout,
+    with the model's serialization.json, into `target`."""
+    export_onnx(model_dir, raw)
+    (raw / SERIALIZATION_FILE).write_bytes((model_dir / SERIALIZATION_FILE).read_bytes())
+    assemble(raw, raw, target)
 
 
 def quantize_graphs(source: Path, target: Path) -> None:
@@ -140,7 +180,8 @@ def parity_mismatches(split: LabelledSplit, reference: list[str], candidate: lis
 
 
 def graph_bytes(directory: Path) -> int:
-    return sum(path.stat().st_size for path in directory.glob("*.onnx"))
+    """Bytes of the served model files: graphs and their weights file."""
+    return sum((directory / name).stat().st_size for name in MODEL_FILES)
 
 
 def weights_bytes(model_dir: Path) -> int:
@@ -167,9 +208,7 @@ def main(params: Params) -> dict:
 
     with atomic_dir(ONNX) as staging:
         raw = staging / ".optimum-export"
-        export_onnx(model_dir, raw)
-        (raw / SERIALIZATION_FILE).write_bytes((model_dir / SERIALIZATION_FILE).read_bytes())
-        assemble(raw, raw, staging / "fp32")
+        export_fp32(model_dir, raw, staging / "fp32")
 
         fp32 = load_onnx(staging / "fp32", device="cpu")
         fp32_parity = greedy(fp32, tokenizer, parity_set.inputs, **lengths)

@@ -287,6 +287,17 @@ def eval_workspace(tmp_path_factory) -> Path:
     return build_eval_workspace(tmp_path_factory.mktemp("eval"))
 
 
+@pytest.fixture(scope="session")
+def eval_onnx(eval_workspace, tmp_path_factory) -> Path:
+    """The eval workspace's student exported to ONNX fp32 by the export stage's own code (a directory
+    `load_onnx` loads)."""
+    from pipelines import export
+
+    work = tmp_path_factory.mktemp("eval-onnx")
+    export.export_fp32(eval_workspace / "models" / "student", work / "raw", work / "fp32")
+    return work / "fp32"
+
+
 # --- distill / export (issue 4) --------------------------------------------------------------------
 
 

@@ -1,8 +1,9 @@
 """Loading an exported ONNX model (models/onnx/fp32 or int8) with the right execution provider.
 
-An export directory holds the optimum-onnx layout: `encoder_model.onnx`, `decoder_model_merged.onnx`
-(one decoder graph with and without past key values), `config.json`, `generation_config.json`, the
-tokenizer and `serialization.json`. Evaluation, export parity, the benchmark and serving all load it here."""
+An export directory holds optimum-onnx's graphs: `encoder_model.onnx`, `decoder_model_merged.onnx` (one
+decoder graph with and without past key values), their weights in `weights.onnx_data` (each tensor once),
+`config.json`, `generation_config.json`, the tokenizer and `serialization.json`. Evaluation, export parity,
+the benchmark and serving all load it here, and decode with `OnnxSeq2Seq.generate`."""
 
 from __future__ import annotations
 
@@ -12,14 +13,17 @@ from typing import Literal
 
 from pipelines.common.errors import PipelineError
 from pipelines.common.paths import SERIALIZATION_FILE
+from pipelines.common.search import beam_search, greedy_search
 
 log = logging.getLogger(__name__)
 
 ENCODER_FILE = "encoder_model.onnx"
 DECODER_FILE = "decoder_model_merged.onnx"
-GRAPH_FILES = (ENCODER_FILE, DECODER_FILE)
+# The graphs' large initializers, each stored once (ONNX external data): the token embedding is in both.
+WEIGHTS_FILE = "weights.onnx_data"
+MODEL_FILES = (ENCODER_FILE, DECODER_FILE, WEIGHTS_FILE)
 # Everything a consumer of the directory needs besides the graphs.
-REQUIRED_FILES = ("config.json", "tokenizer_config.json", SERIALIZATION_FILE, *GRAPH_FILES)
+REQUIRED_FILES = ("config.json", "tokenizer_config.json", SERIALIZATION_FILE, *MODEL_FILES)
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model")  # fast tokenizer, or a sentencepiece T5 one
 
 # Operators that only a quantized graph contains (dynamic int8 quantization inserts these).
@@ -74,29 +78,140 @@ def session_options(intra_op_threads: int | None = None):
     return options
 
 
-def load_onnx(path: str | Path, device: Literal["auto", "cpu", "cuda"] = "auto",
-              intra_op_threads: int | None = None):
-    """An `ORTModelForSeq2SeqLM` for the export at `path`, usable with `model.generate(...)` like a
-    PyTorch model (inputs go on `model.device`)."""
-    from optimum.onnxruntime import ORTModelForSeq2SeqLM
+class OnnxSeq2Seq:
+    """An exported T5 in ONNX Runtime: the encoder runs once per batch, the merged decoder once per new
+    token with the past key/values, and `generate` decodes with `pipelines.common.search` (the same
+    greedy and beam search as Hugging Face `generate`, without its per-step Python overhead).
 
+    Tensors stay torch tensors on `device` and are bound to the sessions by pointer (IO binding), so the
+    key/value cache never leaves the device between steps, on CPU and CUDA alike."""
+
+    def __init__(self, path: Path, provider: str, options) -> None:
+        import onnxruntime as ort
+        import torch
+        from transformers import AutoConfig
+
+        self.path = path
+        self.config = AutoConfig.from_pretrained(path, local_files_only=True)
+        eos = self.config.eos_token_id
+        if not isinstance(eos, int):
+            raise PipelineError(f"{path}/config.json: eos_token_id {eos!r}; expected one token id")
+        self.device = torch.device("cuda" if provider == "CUDAExecutionProvider" else "cpu")
+        self.encoder = ort.InferenceSession(str(path / ENCODER_FILE), options, providers=[provider])
+        self.decoder = ort.InferenceSession(str(path / DECODER_FILE), options, providers=[provider])
+        inputs = {i.name for i in self.decoder.get_inputs()}
+        self.self_names = [(f"past_key_values.{layer}.decoder.{kind}", f"present.{layer}.decoder.{kind}")
+                           for layer in range(self.config.num_decoder_layers) for kind in ("key", "value")]
+        self.cross_names = [(f"past_key_values.{layer}.encoder.{kind}", f"present.{layer}.encoder.{kind}")
+                            for layer in range(self.config.num_decoder_layers) for kind in ("key", "value")]
+        expected = {"input_ids", "encoder_hidden_states", "encoder_attention_mask", "use_cache_branch",
+                    *(past for past, _ in self.self_names + self.cross_names)}
+        if inputs != expected:
+            raise PipelineError(f"{path / DECODER_FILE}: not a merged T5 decoder with past key/values "
+                                f"(inputs differ by {sorted(inputs ^ expected)})")
+
+    def _run(self, session, inputs: dict, outputs: dict) -> None:
+        """Run `session` reading `inputs` and writing into the preallocated `outputs` (name -> tensor;
+        None: an output nobody reads, left to ONNX Runtime to allocate)."""
+        import numpy as np
+        import torch
+
+        binding = session.io_binding()
+        device_type, device_id = self.device.type, self.device.index or 0
+
+        def element(tensor):
+            return {torch.float32: np.float32, torch.int64: np.int64, torch.bool: np.bool_}[tensor.dtype]
+
+        for name, tensor in inputs.items():
+            binding.bind_input(name, device_type, device_id, element(tensor), tuple(tensor.shape), tensor.data_ptr())
+        for name, tensor in outputs.items():
+            if tensor is None:
+                binding.bind_output(name, device_type, device_id)
+            else:
+                binding.bind_output(name, device_type, device_id, element(tensor), tuple(tensor.shape),
+                                    tensor.data_ptr())
+        if device_type == "cuda":
+            torch.cuda.synchronize(self.device)
+        session.run_with_iobinding(binding)
+
+    def encode(self, input_ids, attention_mask):
+        import torch
+
+        hidden = torch.empty((*input_ids.shape, self.config.d_model), device=self.device)
+        self._run(self.encoder, {"input_ids": input_ids.contiguous(), "attention_mask": attention_mask.contiguous()},
+                  {"last_hidden_state": hidden})
+        return hidden
+
+    def decoder_step(self, hidden, attention_mask):
+        """A step function for `pipelines.common.search` over encoder states `hidden` ([rows, source, d_model])."""
+        import torch
+
+        rows, source = attention_mask.shape
+        heads, head_size = self.config.num_heads, self.config.d_kv
+        empty = torch.zeros((rows, heads, 0, head_size), device=self.device)
+        # The first step computes the cross-attention key/values into `cross`; later steps read them there
+        # (their cross-attention outputs are placeholders, left unread).
+        cross = [torch.empty((rows, heads, source, head_size), device=self.device) for _ in self.cross_names]
+        state = {"past": [empty] * len(self.self_names), "first": True}
+
+        def step(tokens, reorder):
+            first = state["first"]
+            past = state["past"] if reorder is None else [t.index_select(0, reorder) for t in state["past"]]
+            present = [torch.empty((rows, heads, t.shape[2] + 1, head_size), device=self.device) for t in past]
+            logits = torch.empty((rows, 1, self.config.vocab_size), device=self.device)
+            inputs = {"input_ids": tokens.view(rows, 1).contiguous(), "encoder_hidden_states": hidden,
+                      "encoder_attention_mask": attention_mask,
+                      "use_cache_branch": torch.tensor([not first], device=self.device),
+                      **{name: t for (name, _), t in zip(self.self_names, past)},
+                      **{name: empty if first else t for (name, _), t in zip(self.cross_names, cross)}}
+            outputs = {"logits": logits, **{name: t for (_, name), t in zip(self.self_names, present)},
+                       **{name: t for (_, name), t in zip(self.cross_names, cross if first else [None] * len(cross))}}
+            self._run(self.decoder, inputs, outputs)
+            state.update(past=present, first=False)
+            return logits[:, 0]
+
+        return step
+
+    def generate(self, input_ids, attention_mask, *, max_new_tokens: int, num_beams: int = 1,
+                 num_return_sequences: int = 1, min_new_tokens: int = 0, logits_processor=(),
+                 do_sample: bool = False, early_stopping: bool = False):
+        """Token ids like `T5ForConditionalGeneration.generate` with these options (the ones this project
+        decodes with): `[rows * num_return_sequences, 1 + generated]`, decoder start token first."""
+        import torch
+
+        if do_sample or early_stopping:
+            raise ValueError("OnnxSeq2Seq.generate decodes deterministically with early_stopping=False only")
+        config = self.config
+        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
+        tokens = dict(start_token_id=config.decoder_start_token_id, eos_token_id=config.eos_token_id,
+                      pad_token_id=config.pad_token_id, max_new_tokens=max_new_tokens,
+                      min_new_tokens=min_new_tokens, processors=list(logits_processor), device=self.device)
+        with torch.inference_mode():
+            hidden = self.encode(input_ids, attention_mask)
+            if num_beams == 1:
+                if num_return_sequences != 1:
+                    raise ValueError("greedy decoding returns one sequence per input")
+                return greedy_search(self.decoder_step(hidden, attention_mask), len(input_ids), **tokens)
+            # Every beam of an input reads that input's encoder states (rows input-major, as in generate).
+            hidden = hidden.repeat_interleave(num_beams, dim=0)
+            attention_mask = attention_mask.repeat_interleave(num_beams, dim=0)
+            return beam_search(self.decoder_step(hidden, attention_mask), len(input_ids), num_beams=num_beams,
+                               num_return_sequences=num_return_sequences, **tokens)
+
+
+def load_onnx(path: str | Path, device: Literal["auto", "cpu", "cuda"] = "auto",
+              intra_op_threads: int | None = None) -> OnnxSeq2Seq:
+    """The export at `path` in ONNX Runtime on the chosen execution provider."""
     path = check_export_dir(path)
     provider = choose_provider(device)
     try:
-        model = ORTModelForSeq2SeqLM.from_pretrained(
-            path, provider=provider, session_options=session_options(intra_op_threads),
-            use_cache=True, use_merged=True, local_files_only=True,
-        )
+        model = OnnxSeq2Seq(path, provider, session_options(intra_op_threads))
+    except PipelineError:
+        raise
     except Exception as exc:  # onnxruntime reports corrupt graphs with its own exception types
         raise PipelineError(f"{path}: cannot load ONNX model: {str(exc).splitlines()[0]}") from exc
-    # optimum sizes the empty first-step past key/values as d_model // num_heads; T5 configs may choose
-    # d_kv independently, and ONNX Runtime then rejects the input shape. The graph's true head size is d_kv.
-    head_size = getattr(model.config, "d_kv", None)
-    if head_size is not None:
-        model.decoder.embed_size_per_head = head_size
     log.info("loaded ONNX model %s on %s", path, provider)
     return model
-
 
 def is_quantized(graph_file: str | Path) -> bool:
     """True when the ONNX graph (including subgraphs of If nodes) already contains quantized operators."""

@@ -1,7 +1,7 @@
 """A real, tiny NL-to-SQL model for serving tests, built in seconds: a word-level tokenizer and a one-layer
 T5 trained to answer "names" questions with `select name from customers` and "erase" questions with
 `delete from customers` (so the service's refusal of non-SELECT output can be exercised), exported to
-ONNX with optimum in the layout `pipelines.common.onnx_model` loads."""
+ONNX by the export stage's own code."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from pipelines import export
 from pipelines.common.params import SerializationParams
 from pipelines.common.schema import SchemaSnapshot, introspect
 from pipelines.common.serialize import SerializationConfig, save_config, serialize, serialize_target
@@ -36,7 +37,6 @@ TINY_T5 = dict(d_model=32, d_ff=64, d_kv=8, num_heads=2, num_layers=1, num_decod
 def build_onnx_model(schema: SchemaSnapshot, work: Path, output: Path, steps: int = 150,
                      t5: dict | None = None) -> Path:
     """Train (a few seconds) and export; `t5` overrides the T5 size (default TINY_T5)."""
-    from optimum.exporters.onnx import main_export
     from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
 
@@ -70,7 +70,7 @@ def build_onnx_model(schema: SchemaSnapshot, work: Path, output: Path, steps: in
     pytorch_dir = work / "pytorch"
     model.save_pretrained(pytorch_dir)
     tokenizer.save_pretrained(pytorch_dir)
-    main_export(str(pytorch_dir), output=str(output), task="text2text-generation-with-past", local_files_only=True)
-    save_config(output, SerializationConfig(serialization=options, max_source_length=128, max_target_length=16,
-                                            model_base="scratch"))
+    save_config(pytorch_dir, SerializationConfig(serialization=options, max_source_length=128, max_target_length=16,
+                                                 model_base="scratch"))
+    export.export_fp32(pytorch_dir, work / "optimum-export", output)
     return output

@@ -9,6 +9,7 @@ from conftest import EVAL_PAIRS
 from pipelines.common.constrained import VocabularyText, allowed_mask, allowed_words
 from pipelines.common.generate import generate
 from pipelines.common.model_io import load_for_generation
+from pipelines.common.onnx_model import load_onnx
 from pipelines.common.schema import SchemaSnapshot
 from pipelines.common.serialize import serialize, serialize_target
 
@@ -63,10 +64,9 @@ def test_a_mask_changes_what_is_generated(loaded):
     assert set(text.split()) <= {"select"}, text
 
 
-def test_onnx_runtime_model_is_constrained_the_same(loaded):
-    from optimum.onnxruntime import ORTModelForSeq2SeqLM
-
+def test_onnx_runtime_model_is_constrained_the_same(loaded, eval_onnx):
     model, tokenizer, _, _, inputs, masks = loaded
-    onnx_model = ORTModelForSeq2SeqLM.from_pretrained(model.name_or_path, export=True)
-    assert (generate(onnx_model, tokenizer, inputs, max_new_tokens=32, batch_size=4, allowed=masks)
-            == generate(model, tokenizer, inputs, max_new_tokens=32, batch_size=4, allowed=masks))
+    onnx_model = load_onnx(eval_onnx, device="cpu")
+    for beams in (1, 3):
+        options = dict(max_new_tokens=32, batch_size=4, allowed=masks, num_beams=beams, num_return_sequences=beams)
+        assert generate(onnx_model, tokenizer, inputs, **options) == generate(model, tokenizer, inputs, **options)

@@ -11,6 +11,7 @@ from conftest import EVAL_PAIRS
 from pipelines.common.errors import PipelineError
 from pipelines.common.generate import execution_guided, first_executable, generate
 from pipelines.common.model_io import load_for_generation
+from pipelines.common.onnx_model import load_onnx
 from pipelines.common.schema import SchemaSnapshot
 from pipelines.common.serialize import serialize, serialize_target
 
@@ -67,13 +68,17 @@ def test_beam_search_returns_distinct_candidates_best_first(loaded):
     assert generate(model, tokenizer, [], max_new_tokens=8) == []
 
 
-def test_onnx_runtime_model_generates_the_same(loaded, tmp_path):
-    from optimum.onnxruntime import ORTModelForSeq2SeqLM
-
+def test_onnx_runtime_model_generates_the_same(loaded, eval_onnx):
+    """The ONNX Runtime search (pipelines.common.search) against transformers' generate on the PyTorch
+    model: the same greedy answers and the same beams in the same order, batched with padding."""
     model, tokenizer, _, inputs = loaded
-    onnx_model = ORTModelForSeq2SeqLM.from_pretrained(model.name_or_path, export=True)
-    assert (generate(onnx_model, tokenizer, inputs, max_new_tokens=32, batch_size=4)
-            == generate(model, tokenizer, inputs, max_new_tokens=32, batch_size=4))
+    onnx_model = load_onnx(eval_onnx, device="cpu")
+    for options in (dict(num_beams=1), dict(num_beams=3, num_return_sequences=3), dict(num_beams=4)):
+        expected = generate(model, tokenizer, inputs, max_new_tokens=32, batch_size=4, **options)
+        assert generate(onnx_model, tokenizer, inputs, max_new_tokens=32, batch_size=4, **options) == expected
+    # Cut short by max_new_tokens, before any hypothesis ended.
+    assert (generate(onnx_model, tokenizer, inputs, max_new_tokens=3, num_beams=3, num_return_sequences=2)
+            == generate(model, tokenizer, inputs, max_new_tokens=3, num_beams=3, num_return_sequences=2))
 
 
 def test_execution_guided_picks_the_first_executable_beam(eval_workspace):
