@@ -7,7 +7,7 @@ What it measures (printed with the results):
 - the model: `--model-dir` (a PyTorch save_pretrained T5 with tokenizer + serialization.json), or by default a
   throwaway randomly initialized T5 of params.yaml's `train.t5` size (`--size student`: `distill.student`)
   and `tokenize.vocab_size` vocabulary: speed depends on the architecture, not on what the weights learned;
-- exported with the export stage's own code (optimum-onnx, merged decoder with past key values, int8 dynamic
+- exported with the export stage's own code (optimum-onnx, decoder with past key values, int8 dynamic
   quantization), loaded with `pipelines.common.onnx_model.load_onnx` (the session options and the decoding
   loop evaluation and serving use); PyTorch decodes with transformers' `generate`;
 - for reference, the int8 graphs decoded by optimum's `ORTModelForSeq2SeqLM.generate` (transformers'
@@ -77,8 +77,8 @@ def throwaway_model(directory: Path, params_file: Path, size: str) -> str:
 def export_both(model_dir: Path, work: Path) -> tuple[Path, Path]:
     raw = work / "raw"
     export.export_fp32(model_dir, raw, work / "fp32")
-    export.quantize_graphs(raw, work / "int8-unmerged")
-    export.assemble(work / "int8-unmerged", raw, work / "int8")
+    export.quantize_graphs(raw, work / "int8-graphs")
+    export.assemble(work / "int8-graphs", raw, work / "int8")
     return work / "fp32", work / "int8"
 
 
@@ -87,7 +87,7 @@ def optimum_model(directory: Path, threads: int):
     from optimum.onnxruntime import ORTModelForSeq2SeqLM
 
     model = ORTModelForSeq2SeqLM.from_pretrained(directory, session_options=session_options(threads),
-                                                 use_cache=True, use_merged=True, local_files_only=True)
+                                                 use_cache=True, use_merged=False, local_files_only=True)
     # optimum sizes the empty first-step cache with d_model // num_heads; T5 sets the head size apart (d_kv).
     model.decoder.embed_size_per_head = model.config.d_kv
     return model

@@ -1,12 +1,12 @@
 """Stage export: models/student (or models/teacher) -> models/onnx/fp32 and models/onnx/int8.
 
-1. optimum-onnx exports the encoder and the decoder with past key values (dynamic batch and sequence axes);
-   the decoder without / with past are merged into one graph (`decoder_model_merged.onnx`), so the
-   weights they share are stored once.
+1. optimum-onnx exports the encoder, the first-step decoder and the decoder with past key values (dynamic
+   batch and sequence axes); their large weights go to one external data file, each tensor once (the
+   decoders share all theirs, and the tied token embedding is in all three graphs).
 2. Parity: greedy SQL from the fp32 ONNX model must equal PyTorch greedy on the first
    `export.parity_examples` dev examples, else the stage fails and nothing is written to models/onnx.
 3. int8: dynamic quantization (weights int8 per channel, activations quantized at run time) of each graph,
-   then the same merge. Its dev execution accuracy must stay within `export.int8_max_ex_drop` of fp32,
+   stored the same way. Its dev execution accuracy must stay within `export.int8_max_ex_drop` of fp32,
    else a loud warning (also recorded in metrics/export.json): int8 is still written, evaluation decides.
 
 Checks run on CPU on purpose: parity is a property of the conversion, and int8 dynamic quantization is a
@@ -28,7 +28,7 @@ from pipelines.common.errors import PipelineError
 from pipelines.common.generate import generate
 from pipelines.common.io import atomic_dir, write_json
 from pipelines.common.model_io import check_model_dir, is_onnx_dir, load_for_generation
-from pipelines.common.onnx_model import DECODER_FILE, ENCODER_FILE, MODEL_FILES, WEIGHTS_FILE, is_quantized, load_onnx
+from pipelines.common.onnx_model import GRAPH_FILES, MODEL_FILES, WEIGHTS_FILE, is_quantized, load_onnx
 from pipelines.common.params import Params
 from pipelines.common.paths import METRICS, ONNX, SERIALIZATION_FILE, STUDENT, TEACHER
 
@@ -36,10 +36,6 @@ log = logging.getLogger(__name__)
 
 EXPORT_METRICS = METRICS / "export.json"
 TASK = "text2text-generation-with-past"
-# The unmerged graphs optimum writes; quantization works on these (it does not reach into If subgraphs).
-DECODER_NO_PAST_FILE = "decoder_model.onnx"
-DECODER_WITH_PAST_FILE = "decoder_with_past_model.onnx"
-UNMERGED_FILES = (ENCODER_FILE, DECODER_NO_PAST_FILE, DECODER_WITH_PAST_FILE)
 # Initializers at least this large go to the shared weights file.
 EXTERNAL_MIN_BYTES = 1024
 # Mismatches quoted in the parity error (the rest are counted), each SQL cut to this many characters.
@@ -78,29 +74,25 @@ def quiet_converters() -> Iterator[None]:
 def export_onnx(model_dir: Path, output: Path) -> None:
     """optimum-onnx export of encoder + decoder + decoder-with-past + config + tokenizer. optimum's
     post-processing stores the tied embedding / LM-head weights once per graph (a vocab x d_model matrix
-    less in each decoder); the merged decoder it also writes is rebuilt by `assemble` for both variants."""
+    less in each decoder); the merged decoder it also writes is not used (see OnnxSeq2Seq)."""
     from optimum.exporters.onnx import main_export
 
     log.info("exporting %s to ONNX (%s)", model_dir, TASK)
     with quiet_converters():
         main_export(str(model_dir), output=output, task=TASK, device="cpu", do_validation=False,
                     local_files_only=True)
-    missing = [name for name in UNMERGED_FILES if not (output / name).is_file()]
+    missing = [name for name in GRAPH_FILES if not (output / name).is_file()]
     if missing:
         raise RuntimeError(f"optimum export of {model_dir} did not write {', '.join(missing)}")
 
 
 def assemble(graphs: Path, metadata: Path, target: Path) -> None:
-    """Write the served layout into `target`: encoder, merged decoder, their shared weights file, and
-    every non-graph file (config, generation config, tokenizer) of `metadata`, plus serialization.json."""
-    from optimum.onnx import merge_decoders
-
+    """Write the served layout into `target`: the graphs of `graphs` with their weights file, and every
+    non-graph file (config, generation config, tokenizer, serialization.json) of `metadata`."""
     target.mkdir(parents=True)
-    shutil.copy2(graphs / ENCODER_FILE, target / ENCODER_FILE)
-    # strict=False: the no-past decoder also outputs the cross-attention key/values, the with-past one reuses them.
-    merge_decoders(graphs / DECODER_NO_PAST_FILE, graphs / DECODER_WITH_PAST_FILE,
-                   save_path=target / DECODER_FILE, strict=False)
-    store_weights_once(target, (ENCODER_FILE, DECODER_FILE))
+    for name in GRAPH_FILES:
+        shutil.copy2(graphs / name, target / name)
+    store_weights_once(target, GRAPH_FILES)
     for path in metadata.iterdir():
         if path.is_file() and path.suffix != ".onnx":
             shutil.copy2(path, target / path.name)
@@ -144,7 +136,7 @@ def export_fp32(model_dir: Path, raw: Path, target: Path) -> None:
 
 
 def quantize_graphs(source: Path, target: Path) -> None:
-    """int8 dynamic quantization of each unmerged graph of `source` into `target`.
+    """int8 dynamic quantization of each graph of `source` into `target`.
     An already quantized model is refused: quantizing twice only loses accuracy."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
@@ -153,11 +145,11 @@ def quantize_graphs(source: Path, target: Path) -> None:
     if already:
         raise PipelineError(f"{source}: {', '.join(already)} already quantized (int8); "
                             "quantize the fp32 export instead")
-    missing = [name for name in UNMERGED_FILES if not (source / name).is_file()]
+    missing = [name for name in GRAPH_FILES if not (source / name).is_file()]
     if missing:
-        raise PipelineError(f"{source}: missing {', '.join(missing)} (quantization needs optimum's unmerged graphs)")
+        raise PipelineError(f"{source}: missing {', '.join(missing)} (quantization needs optimum's three graphs)")
     target.mkdir(parents=True, exist_ok=True)
-    for name in UNMERGED_FILES:
+    for name in GRAPH_FILES:
         log.info("quantizing %s (int8, dynamic, per channel)", name)
         # Per-channel int8 weights keep T5's wide-ranged projections accurate; activations are
         # quantized per call, so no calibration data is needed.
@@ -227,7 +219,7 @@ def main(params: Params) -> dict:
         log.info("ONNX fp32 dev EX %.4f (%d scored)", metrics["fp32"]["ex"], metrics["fp32"]["n_scored"])
 
         if cfg.quantize:
-            quantized = staging / ".quantized-unmerged"
+            quantized = staging / ".quantized"
             quantize_graphs(raw, quantized)
             assemble(quantized, raw, staging / "int8")
             shutil.rmtree(quantized)

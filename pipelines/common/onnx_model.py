@@ -1,7 +1,7 @@
 """Loading an exported ONNX model (models/onnx/fp32 or int8) with the right execution provider.
 
-An export directory holds optimum-onnx's graphs: `encoder_model.onnx`, `decoder_model_merged.onnx` (one
-decoder graph with and without past key values), their weights in `weights.onnx_data` (each tensor once),
+An export directory holds optimum-onnx's graphs: `encoder_model.onnx`, `decoder_model.onnx` (first step)
+and `decoder_with_past_model.onnx` (later steps), their weights in `weights.onnx_data` (each tensor once),
 `config.json`, `generation_config.json`, the tokenizer and `serialization.json`. Evaluation, export parity,
 the benchmark and serving all load it here, and decode with `OnnxSeq2Seq.generate`."""
 
@@ -18,10 +18,13 @@ from pipelines.common.search import beam_search, greedy_search
 log = logging.getLogger(__name__)
 
 ENCODER_FILE = "encoder_model.onnx"
-DECODER_FILE = "decoder_model_merged.onnx"
-# The graphs' large initializers, each stored once (ONNX external data): the token embedding is in both.
+DECODER_FILE = "decoder_model.onnx"  # the first step: computes the cross-attention key/values too
+DECODER_WITH_PAST_FILE = "decoder_with_past_model.onnx"  # every later step, from the key/value cache
+GRAPH_FILES = (ENCODER_FILE, DECODER_FILE, DECODER_WITH_PAST_FILE)
+# The graphs' large initializers, each stored once (ONNX external data): the two decoders share all
+# their weights, and the token embedding is in all three.
 WEIGHTS_FILE = "weights.onnx_data"
-MODEL_FILES = (ENCODER_FILE, DECODER_FILE, WEIGHTS_FILE)
+MODEL_FILES = (*GRAPH_FILES, WEIGHTS_FILE)
 # Everything a consumer of the directory needs besides the graphs.
 REQUIRED_FILES = ("config.json", "tokenizer_config.json", SERIALIZATION_FILE, *MODEL_FILES)
 TOKENIZER_FILES = ("tokenizer.json", "spiece.model")  # fast tokenizer, or a sentencepiece T5 one
@@ -75,16 +78,25 @@ def session_options(intra_op_threads: int | None = None):
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.intra_op_num_threads = intra_op_threads or torch.get_num_threads()
     options.inter_op_num_threads = 1
+    # The int8 decoder reads its LM head as DequantizeLinear(Transpose(int8 token embedding)): the
+    # embedding is tied, and optimum stores it once. By default ONNX Runtime keeps every DequantizeLinear
+    # for its QDQ fusions, so that 4000 x d_model matrix was dequantized on every step (40% of an int8
+    # step at batch 1). Our graphs are dynamically quantized (no QDQ node units), so turning the QDQ
+    # handling off only lets constant folding dequantize it once, at load: identical logits.
+    options.add_session_config_entry("session.disable_quant_qdq", "1")
     return options
 
 
 class OnnxSeq2Seq:
-    """An exported T5 in ONNX Runtime: the encoder runs once per batch, the merged decoder once per new
-    token with the past key/values, and `generate` decodes with `pipelines.common.search` (the same
-    greedy and beam search as Hugging Face `generate`, without its per-step Python overhead).
+    """An exported T5 in ONNX Runtime: the encoder runs once per batch, then one decoder graph per new
+    token (the first step without a cache, the others from the key/value cache), and `generate` decodes
+    with `pipelines.common.search` (the same greedy and beam search as Hugging Face `generate`, without
+    its per-step Python overhead; `bench/export_speed.py` measures both).
 
-    Tensors stay torch tensors on `device` and are bound to the sessions by pointer (IO binding), so the
-    key/value cache never leaves the device between steps, on CPU and CUDA alike."""
+    Two decoder graphs rather than optimum's merged one: its If node cost about a quarter of a decoder
+    step at batch 1, and with the weights file the two graphs' weights are stored once anyway.
+    Tensors stay torch tensors on `device`, bound to the sessions by pointer (IO binding), so the cache
+    never leaves the device between steps, on CPU and CUDA alike."""
 
     def __init__(self, path: Path, provider: str, options) -> None:
         import onnxruntime as ort
@@ -97,48 +109,42 @@ class OnnxSeq2Seq:
         if not isinstance(eos, int):
             raise PipelineError(f"{path}/config.json: eos_token_id {eos!r}; expected one token id")
         self.device = torch.device("cuda" if provider == "CUDAExecutionProvider" else "cpu")
-        self.encoder = ort.InferenceSession(str(path / ENCODER_FILE), options, providers=[provider])
-        self.decoder = ort.InferenceSession(str(path / DECODER_FILE), options, providers=[provider])
-        inputs = {i.name for i in self.decoder.get_inputs()}
-        self.self_names = [(f"past_key_values.{layer}.decoder.{kind}", f"present.{layer}.decoder.{kind}")
-                           for layer in range(self.config.num_decoder_layers) for kind in ("key", "value")]
-        self.cross_names = [(f"past_key_values.{layer}.encoder.{kind}", f"present.{layer}.encoder.{kind}")
-                            for layer in range(self.config.num_decoder_layers) for kind in ("key", "value")]
-        expected = {"input_ids", "encoder_hidden_states", "encoder_attention_mask", "use_cache_branch",
-                    *(past for past, _ in self.self_names + self.cross_names)}
+        self.encoder, self.first_step, self.next_step = (
+            ort.InferenceSession(str(path / name), options, providers=[provider]) for name in GRAPH_FILES)
+        layers = range(self.config.num_decoder_layers)
+        self.self_attention = [f"{layer}.decoder.{kind}" for layer in layers for kind in ("key", "value")]
+        self.cross_attention = [f"{layer}.encoder.{kind}" for layer in layers for kind in ("key", "value")]
+        expected = {"input_ids", "encoder_attention_mask",
+                    *(f"past_key_values.{name}" for name in self.self_attention + self.cross_attention)}
+        inputs = {i.name for i in self.next_step.get_inputs()}
         if inputs != expected:
-            raise PipelineError(f"{path / DECODER_FILE}: not a merged T5 decoder with past key/values "
+            raise PipelineError(f"{path / DECODER_WITH_PAST_FILE}: not a T5 decoder with past key/values "
                                 f"(inputs differ by {sorted(inputs ^ expected)})")
+        self._device_args = (self.device.type, self.device.index or 0)
 
     def _run(self, session, inputs: dict, outputs: dict) -> None:
-        """Run `session` reading `inputs` and writing into the preallocated `outputs` (name -> tensor;
-        None: an output nobody reads, left to ONNX Runtime to allocate)."""
+        """Run `session` reading `inputs` and writing into the preallocated `outputs` (name -> tensor)."""
         import numpy as np
         import torch
 
+        elements = {torch.float32: np.float32, torch.int64: np.int64}
         binding = session.io_binding()
-        device_type, device_id = self.device.type, self.device.index or 0
-
-        def element(tensor):
-            return {torch.float32: np.float32, torch.int64: np.int64, torch.bool: np.bool_}[tensor.dtype]
-
         for name, tensor in inputs.items():
-            binding.bind_input(name, device_type, device_id, element(tensor), tuple(tensor.shape), tensor.data_ptr())
+            binding.bind_input(name, *self._device_args, elements[tensor.dtype], tuple(tensor.shape), tensor.data_ptr())
         for name, tensor in outputs.items():
-            if tensor is None:
-                binding.bind_output(name, device_type, device_id)
-            else:
-                binding.bind_output(name, device_type, device_id, element(tensor), tuple(tensor.shape),
-                                    tensor.data_ptr())
-        if device_type == "cuda":
+            binding.bind_output(name, *self._device_args, elements[tensor.dtype], tuple(tensor.shape), tensor.data_ptr())
+        if self.device.type == "cuda":  # torch and ONNX Runtime work on different CUDA streams
             torch.cuda.synchronize(self.device)
-        session.run_with_iobinding(binding)
+            session.run_with_iobinding(binding)
+            binding.synchronize_outputs()
+        else:
+            session.run_with_iobinding(binding)
 
     def encode(self, input_ids, attention_mask):
         import torch
 
         hidden = torch.empty((*input_ids.shape, self.config.d_model), device=self.device)
-        self._run(self.encoder, {"input_ids": input_ids.contiguous(), "attention_mask": attention_mask.contiguous()},
+        self._run(self.encoder, {"input_ids": input_ids, "attention_mask": attention_mask},
                   {"last_hidden_state": hidden})
         return hidden
 
@@ -148,26 +154,33 @@ class OnnxSeq2Seq:
 
         rows, source = attention_mask.shape
         heads, head_size = self.config.num_heads, self.config.d_kv
-        empty = torch.zeros((rows, heads, 0, head_size), device=self.device)
-        # The first step computes the cross-attention key/values into `cross`; later steps read them there
-        # (their cross-attention outputs are placeholders, left unread).
-        cross = [torch.empty((rows, heads, source, head_size), device=self.device) for _ in self.cross_names]
-        state = {"past": [empty] * len(self.self_names), "first": True}
+
+        def buffer(length: int) -> torch.Tensor:
+            return torch.empty((rows, heads, length, head_size), device=self.device)
+
+        # Computed by the first step, read by all later ones (one set per input: beams never reorder them).
+        cross = {f"past_key_values.{name}": buffer(source) for name in self.cross_attention}
+        cache: dict[str, torch.Tensor] = {}
 
         def step(tokens, reorder):
-            first = state["first"]
-            past = state["past"] if reorder is None else [t.index_select(0, reorder) for t in state["past"]]
-            present = [torch.empty((rows, heads, t.shape[2] + 1, head_size), device=self.device) for t in past]
             logits = torch.empty((rows, 1, self.config.vocab_size), device=self.device)
-            inputs = {"input_ids": tokens.view(rows, 1).contiguous(), "encoder_hidden_states": hidden,
-                      "encoder_attention_mask": attention_mask,
-                      "use_cache_branch": torch.tensor([not first], device=self.device),
-                      **{name: t for (name, _), t in zip(self.self_names, past)},
-                      **{name: empty if first else t for (name, _), t in zip(self.cross_names, cross)}}
-            outputs = {"logits": logits, **{name: t for (_, name), t in zip(self.self_names, present)},
-                       **{name: t for (_, name), t in zip(self.cross_names, cross if first else [None] * len(cross))}}
-            self._run(self.decoder, inputs, outputs)
-            state.update(past=present, first=False)
+            inputs = {"input_ids": tokens.view(rows, 1).contiguous(), "encoder_attention_mask": attention_mask}
+            if not cache:
+                length = 1
+                inputs["encoder_hidden_states"] = hidden
+                outputs = {f"present.{name}": cross[f"past_key_values.{name}"] for name in self.cross_attention}
+                session = self.first_step
+            else:
+                length = next(iter(cache.values())).shape[2] + 1
+                past = cache if reorder is None else {n: t.index_select(0, reorder) for n, t in cache.items()}
+                inputs.update(past, **cross)
+                outputs = {}
+                session = self.next_step
+            present = {name: buffer(length) for name in self.self_attention}
+            outputs.update({"logits": logits, **{f"present.{name}": t for name, t in present.items()}})
+            self._run(session, inputs, outputs)
+            cache.clear()
+            cache.update({f"past_key_values.{name}": t for name, t in present.items()})
             return logits[:, 0]
 
         return step
@@ -187,6 +200,7 @@ class OnnxSeq2Seq:
                       pad_token_id=config.pad_token_id, max_new_tokens=max_new_tokens,
                       min_new_tokens=min_new_tokens, processors=list(logits_processor), device=self.device)
         with torch.inference_mode():
+            input_ids, attention_mask = input_ids.contiguous(), attention_mask.contiguous()
             hidden = self.encode(input_ids, attention_mask)
             if num_beams == 1:
                 if num_return_sequences != 1:

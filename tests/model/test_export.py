@@ -15,7 +15,8 @@ from pipelines.common.errors import PipelineError
 from pipelines.common.generate import generate
 from pipelines.common.io import read_json
 from pipelines.common.model_io import load_for_generation
-from pipelines.common.onnx_model import DECODER_FILE, ENCODER_FILE, choose_provider, is_quantized, load_onnx
+from pipelines.common.onnx_model import (DECODER_FILE, GRAPH_FILES, MODEL_FILES, WEIGHTS_FILE, choose_provider,
+                                         is_quantized, load_onnx)
 
 
 @pytest.fixture
@@ -34,16 +35,19 @@ def test_export_writes_fp32_and_int8_that_match_pytorch(exported_workspace, monk
     metrics = read_json("metrics/export.json")
     assert metrics["source"] == "student"
     assert metrics["parity"] == {"examples": 4, "mismatches": 0}
-    assert 0 < metrics["int8"]["bytes"] < metrics["fp32"]["bytes"]
+    # int8 weights take about a quarter of fp32's; at this toy size the graphs themselves weigh more.
+    weights = {variant: (Path("models/onnx") / variant / WEIGHTS_FILE).stat().st_size for variant in ("fp32", "int8")}
+    assert 0 < weights["int8"] < weights["fp32"] / 3
+    assert metrics["int8"]["bytes"] == sum((Path("models/onnx/int8") / name).stat().st_size for name in MODEL_FILES)
     assert metrics["fp32"]["n_scored"] + metrics["fp32"]["n_gold_error"] == metrics["dev_examples"]
     assert not list(Path("models").glob(".onnx*")), "no staging directory may be left behind"
 
     for variant in ("fp32", "int8"):
         directory = Path("models/onnx") / variant
-        assert {ENCODER_FILE, DECODER_FILE, "serialization.json", "tokenizer.json"} <= {p.name for p in directory.iterdir()}
-        assert not list(directory.glob("decoder_model.onnx")), "only the merged decoder is shipped"
-        assert is_quantized(directory / ENCODER_FILE) == (variant == "int8")
-        assert is_quantized(directory / DECODER_FILE) == (variant == "int8")
+        assert {*MODEL_FILES, "serialization.json", "tokenizer.json"} <= {p.name for p in directory.iterdir()}
+        assert not list(directory.glob("decoder_model_merged.onnx")), "optimum's merged decoder is not shipped"
+        for graph in GRAPH_FILES:
+            assert is_quantized(directory / graph) == (variant == "int8")
 
     # Independent of the stage's own check: fp32 ONNX greedy == PyTorch greedy on a batch of mixed lengths.
     pytorch, tokenizer, config = load_for_generation("models/student", device="cpu")
@@ -97,10 +101,16 @@ def test_load_onnx_reports_missing_and_incomplete_directories(exported_workspace
     shutil.copytree(exported_workspace / "models/onnx/fp32", broken)
     (broken / DECODER_FILE).unlink()
     (broken / "serialization.json").unlink()
-    with pytest.raises(PipelineError, match=r"incomplete ONNX export, missing serialization.json, decoder_model_merged"):
+    with pytest.raises(PipelineError, match=r"incomplete ONNX export, missing serialization.json, decoder_model.onnx"):
         load_onnx(broken)
     (broken / "serialization.json").write_text("{}")
     (broken / DECODER_FILE).write_bytes(b"not an onnx graph")
+    with pytest.raises(PipelineError, match=r"broken: cannot load ONNX model"):
+        load_onnx(broken)
+    shutil.copy2(exported_workspace / "models/onnx/fp32" / DECODER_FILE, broken / DECODER_FILE)
+    load_onnx(broken)
+    weights = (broken / WEIGHTS_FILE).read_bytes()
+    (broken / WEIGHTS_FILE).write_bytes(weights[: len(weights) // 2])  # an interrupted copy
     with pytest.raises(PipelineError, match=r"broken: cannot load ONNX model"):
         load_onnx(broken)
 
