@@ -5,7 +5,7 @@ a table or column name of the schema (or a word of one), a table alias (`t1`..`t
 question (string literals are copied from the question). Digits, whitespace, operators, quotes and
 parentheses are always allowed, and so is the end-of-sequence token. The check is on the token's text, so
 it works whatever pieces the tokenizer made (`.category_id`, `count(*)`) and for any model with the
-Hugging Face `generate` API (PyTorch or optimum ONNX Runtime) through a `LogitsProcessor`.
+`generate` of either backend (PyTorch or ONNX Runtime) through a `LogitsProcessor`.
 
 This removes invented identifiers and words, the commonest invalid outputs of a small model; it does not
 check grammar (execution-guided selection among beams catches what still does not run).

@@ -1,5 +1,5 @@
-"""SQL generation from any model with the Hugging Face `generate` API: a PyTorch T5 or an optimum
-`ORTModelForSeq2SeqLM` (ONNX Runtime). Evaluation, distillation, export parity and serving all decode here,
+"""SQL generation from a PyTorch T5 (transformers' `generate`) or an ONNX export (`OnnxSeq2Seq.generate`,
+the same options and the same search). Evaluation, distillation, export parity and serving all decode here,
 so greedy output means the same thing everywhere.
 
 - `generate`: greedy (`num_beams=1`) or beam search, `num_return_sequences` candidates per input, best first.
