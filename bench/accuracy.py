@@ -20,6 +20,10 @@ with both, e.g. `--levers baseline,linking,linking+retrieval`):
   the SQL of the nearest examples is tried before the beams (column "from examples": the share of answers
   that were an example's SQL); needs retrieval for a bank of examples;
 - all: every lever above together.
+With `--distill-minutes M`, each trained row also runs the distill stage (a `distill.student` T5 from that
+row's teacher, M minutes) and a second table compares student and teacher as the stage reports them
+(metrics/distill.json): parameters, greedy dev EX, batch-1 latency, and their ratios (the issue-4 target:
+at most a quarter of the parameters, at least 90% of the teacher's EX).
 constrained and candidates change decoding only: a row that differs from an earlier row by them alone
 re-evaluates that row's model (its tokenize/train figures are that row's) instead of training again.
 Training gets `--train-minutes` of wall clock (`train.max_train_minutes`) and `--epochs` (default params.yaml's;
@@ -81,6 +85,10 @@ def row_params(base: Params, row: str, args: argparse.Namespace) -> Params:
     raw["train"]["max_train_minutes"] = args.train_minutes
     if args.epochs is not None:
         raw["train"]["epochs"] = args.epochs
+    if args.distill_minutes is not None:
+        raw["distill"]["max_train_minutes"] = args.distill_minutes
+        if args.epochs is not None:
+            raw["distill"]["epochs"] = args.epochs
     raw["evaluate"].update(
         model="teacher", max_examples=args.eval_examples, constrained="constrained" in levers,
         example_candidates=(args.example_candidates or base.evaluate.example_candidates or 3)
@@ -93,11 +101,12 @@ def data_key(params: Params) -> str:
     return json.dumps([params.seed, params.ingest.model_dump(), params.validate_.model_dump()], sort_keys=True)
 
 
-def run_row(params: Params, workspace: Path, evaluate_only: bool = False, data_from: Path | None = None) -> dict:
+def run_row(params: Params, workspace: Path, evaluate_only: bool = False, data_from: Path | None = None,
+            distill_student: bool = False) -> dict:
     """The real stages in `workspace` (only evaluate when `evaluate_only`: the workspace already holds a
-    trained model; ingest + validate are copied from `data_from`, an earlier row's workspace, when given);
-    returns the row's figures."""
-    from pipelines import evaluate, ingest, tokenize, train, validate
+    trained model; ingest + validate are copied from `data_from`, an earlier row's workspace, when given;
+    then distill when `distill_student`); returns the row's figures."""
+    from pipelines import distill, evaluate, ingest, tokenize, train, validate
 
     stages = [("ingest", ingest), ("validate", validate), ("tokenize", tokenize), ("train", train)]
     if data_from is not None:
@@ -111,9 +120,15 @@ def run_row(params: Params, workspace: Path, evaluate_only: bool = False, data_f
             started = time.monotonic()
             summary = stage.main(params)
             times[name] = round(time.monotonic() - started, 1)
+        distilled = None
+        if distill_student:
+            started = time.monotonic()
+            distilled = distill.main(params)
+            times["distill"] = round(time.monotonic() - started, 1)
         stats = json.loads(Path("data/tokenized/stats.json").read_text())
         train_metrics = json.loads(Path("metrics/train.json").read_text())
-    return {"eval": summary, "tokenize_stats": stats, "train": train_metrics, "times_s": times}
+    return {"eval": summary, "tokenize_stats": stats, "train": train_metrics, "times_s": times,
+            "distill": distilled}
 
 
 def _pct(value) -> str:
@@ -138,6 +153,24 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def distill_table(rows: list[dict]) -> str:
+    header = ["row", "model", "parameters", "weights MB", "dev EX greedy", "latency ms (batch 1)", "training"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        d = row["distill"]
+        for name, training in (("teacher", row["train"]), ("student", d)):
+            m = d[name]
+            cells = [row["lever"], name, f"{m['parameters'] / 1e6:.2f}M", f"{m['weights_bytes'] / 1e6:.2f}",
+                     f"{_pct(m['dev_ex'])} ({m['dev_n_correct']}/{m['dev_n_scored']})",
+                     str(m["latency_ms_batch1_p50"]), f"{training['steps']} updates, {training['stopped_by']}"]
+            lines.append("| " + " | ".join(cells) + " |")
+        r = d["ratios"]
+        ex = "-" if r["dev_ex"] is None else f"{r['dev_ex']:.2f}"
+        lines.append(f"| {row['lever']} | student / teacher | {r['parameters']:.2f} | {r['weights_bytes']:.2f} | "
+                     f"{ex} | {r['latency']:.2f} | |")
+    return "\n".join(lines)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python bench/accuracy.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", required=True,
@@ -153,6 +186,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="retrieval_dropout of the retrieval rows (default: params.yaml's)")
     parser.add_argument("--example-candidates", type=int,
                         help="evaluate.example_candidates of the candidates rows (default: params.yaml's, or 3 where that is 0)")
+    parser.add_argument("--distill-minutes", type=float,
+                        help="also distill a student from each trained row's teacher with this budget (see above)")
     parser.add_argument("--max-examples", type=int, help="ingest.max_examples (a seeded subset of the dataset)")
     parser.add_argument("--eval-examples", type=int, help="evaluate.max_examples (default: the whole split)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the issue's budget: 2 cores)")
@@ -198,7 +233,8 @@ def main(argv: list[str]) -> int:
             key = data_key(params)
             try:
                 figures = run_row(params, workspace, evaluate_only=reused is not None,
-                                  data_from=None if reused else data_workspaces.get(key))
+                                  data_from=None if reused else data_workspaces.get(key),
+                                  distill_student=args.distill_minutes is not None and reused is None)
             except PipelineError as exc:
                 print(f"{lever}: failed: {exc}", file=sys.stderr)
                 return 2
@@ -218,6 +254,10 @@ def main(argv: list[str]) -> int:
     print(f"\n{args.dataset} {args.split_mode}, {args.train_minutes} min training per row, "
           f"{args.threads} thread(s); EX/valid in %, execution-guided unless marked\n")
     print(table(rows))
+    distilled = [row for row in rows if row.get("distill")]
+    if distilled:
+        print(f"\nstudent vs teacher (distill stage, {args.distill_minutes} min; dev split, greedy)\n")
+        print(distill_table(distilled))
     print(f"\nrows as JSON: {out}")
     return 0
 
