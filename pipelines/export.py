@@ -28,7 +28,15 @@ from pipelines.common.errors import PipelineError
 from pipelines.common.generate import generate
 from pipelines.common.io import atomic_dir, write_json
 from pipelines.common.model_io import check_model_dir, is_onnx_dir, load_for_generation
-from pipelines.common.onnx_model import GRAPH_FILES, MODEL_FILES, WEIGHTS_FILE, is_quantized, load_onnx
+from pipelines.common.onnx_model import (
+    GRAPH_FILES,
+    MODEL_FILES,
+    WEIGHTS_DIGEST_KEY,
+    WEIGHTS_FILE,
+    file_digest,
+    is_quantized,
+    load_onnx,
+)
 from pipelines.common.params import Params
 from pipelines.common.paths import METRICS, ONNX, SERIALIZATION_FILE, STUDENT, TEACHER
 
@@ -123,7 +131,13 @@ def store_weights_once(directory: Path, graph_files: tuple[str, ...]) -> None:
                 offset, length = stored[key]
                 set_external_data(tensor, location=WEIGHTS_FILE, offset=offset, length=length)
                 tensor.ClearField("raw_data")
+    # Recorded in every graph, checked when loading: a weights file of another export is refused.
+    digest = file_digest(directory / WEIGHTS_FILE)
     for name, graph in graphs.items():
+        kept = [entry for entry in graph.metadata_props if entry.key != WEIGHTS_DIGEST_KEY]
+        del graph.metadata_props[:]
+        graph.metadata_props.extend(kept)
+        graph.metadata_props.add(key=WEIGHTS_DIGEST_KEY, value=digest)
         onnx.save(graph, str(directory / name))
 
 

@@ -1,4 +1,5 @@
-"""Loading an exported ONNX model (models/onnx/fp32 or int8) with the right execution provider.
+"""An exported ONNX model (models/onnx/fp32 or int8) in ONNX Runtime: loaded on the right execution
+provider, decoded with the key/value cache.
 
 An export directory holds optimum-onnx's graphs: `encoder_model.onnx`, `decoder_model.onnx` (first step)
 and `decoder_with_past_model.onnx` (later steps), their weights in `weights.onnx_data` (each tensor once),
@@ -80,11 +81,52 @@ def session_options(intra_op_threads: int | None = None):
     options.inter_op_num_threads = 1
     # The int8 decoder reads its LM head as DequantizeLinear(Transpose(int8 token embedding)): the
     # embedding is tied, and optimum stores it once. By default ONNX Runtime keeps every DequantizeLinear
-    # for its QDQ fusions, so that 4000 x d_model matrix was dequantized on every step (40% of an int8
-    # step at batch 1). Our graphs are dynamically quantized (no QDQ node units), so turning the QDQ
-    # handling off only lets constant folding dequantize it once, at load: identical logits.
+    # for its QDQ fusions, so that vocabulary x d_model matrix was dequantized on every step (about 40% of
+    # an int8 step at batch 1). Our graphs are dynamically quantized (no QDQ node units), so turning the
+    # QDQ handling off only lets constant folding dequantize it once, at load: identical logits.
     options.add_session_config_entry("session.disable_quant_qdq", "1")
     return options
+
+
+WEIGHTS_DIGEST_KEY = "weights_sha256"  # graph metadata: the sha256 of the weights file written with it
+# generation_config.json keys this decoder follows; others (repetition penalties, forced tokens, ...) would
+# make transformers' generate on the PyTorch model decode differently, so they are refused at load.
+FOLLOWED_GENERATION_SETTINGS = {"decoder_start_token_id", "eos_token_id", "pad_token_id", "bos_token_id",
+                                "length_penalty"}
+# Set on every model, and overridden by every call (pipelines.common.generate passes them explicitly).
+OVERRIDDEN_GENERATION_SETTINGS = {"max_length", "max_new_tokens", "num_beams", "num_return_sequences", "do_sample",
+                                  "early_stopping", "transformers_version", "_from_model_config"}
+
+
+def file_digest(path: Path) -> str:
+    import hashlib
+
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def decoding_settings(path: Path, config) -> dict:
+    """Token ids and length penalty as transformers' generate would take them for this model (its
+    generation_config.json, else config.json); a PipelineError for settings this decoder does not follow."""
+    from transformers import GenerationConfig
+
+    generation = (GenerationConfig.from_pretrained(path, local_files_only=True)
+                  if (path / "generation_config.json").is_file() else GenerationConfig.from_model_config(config))
+    unsupported = sorted(set(generation.to_diff_dict()) - FOLLOWED_GENERATION_SETTINGS - OVERRIDDEN_GENERATION_SETTINGS)
+    if unsupported:
+        raise PipelineError(f"{path}/generation_config.json sets {', '.join(unsupported)}, which the ONNX decoder "
+                            "does not implement (PyTorch and ONNX output would differ); remove them")
+    settings = {"length_penalty": generation.length_penalty}
+    for key in ("decoder_start_token_id", "eos_token_id", "pad_token_id"):
+        value = getattr(generation, key, None)
+        value = getattr(config, key, None) if value is None else value
+        if isinstance(value, list) and len(value) == 1:  # generate accepts a list of end-of-sequence ids
+            value = value[0]
+        if not isinstance(value, int):
+            raise PipelineError(f"{path}: {key} is {value!r} in generation_config.json / config.json; "
+                                "expected one token id")
+        settings[key] = value
+    return settings
 
 
 class OnnxSeq2Seq:
@@ -105,22 +147,52 @@ class OnnxSeq2Seq:
 
         self.path = path
         self.config = AutoConfig.from_pretrained(path, local_files_only=True)
-        eos = self.config.eos_token_id
-        if not isinstance(eos, int):
-            raise PipelineError(f"{path}/config.json: eos_token_id {eos!r}; expected one token id")
+        self.search_options = decoding_settings(path, self.config)
         self.device = torch.device("cuda" if provider == "CUDAExecutionProvider" else "cpu")
         self.encoder, self.first_step, self.next_step = (
             ort.InferenceSession(str(path / name), options, providers=[provider]) for name in GRAPH_FILES)
         layers = range(self.config.num_decoder_layers)
         self.self_attention = [f"{layer}.decoder.{kind}" for layer in layers for kind in ("key", "value")]
         self.cross_attention = [f"{layer}.encoder.{kind}" for layer in layers for kind in ("key", "value")]
-        expected = {"input_ids", "encoder_attention_mask",
-                    *(f"past_key_values.{name}" for name in self.self_attention + self.cross_attention)}
-        inputs = {i.name for i in self.next_step.get_inputs()}
-        if inputs != expected:
-            raise PipelineError(f"{path / DECODER_WITH_PAST_FILE}: not a T5 decoder with past key/values "
-                                f"(inputs differ by {sorted(inputs ^ expected)})")
+        self._check_graphs()
         self._device_args = (self.device.type, self.device.index or 0)
+
+    def _check_graphs(self) -> None:
+        """The three graphs are T5 graphs of the size config.json states, and weights.onnx_data is the one
+        written with them (a mismatch would otherwise only show at the first request, or not at all)."""
+        config, path = self.config, self.path
+        past = {f"past_key_values.{name}" for name in self.self_attention + self.cross_attention}
+        kv_shape = [config.num_heads, config.d_kv]
+        expected = {  # graph file -> (session, input names, {output name: the fixed dimensions it must have})
+            ENCODER_FILE: (self.encoder, {"input_ids", "attention_mask"}, {"last_hidden_state": [config.d_model]}),
+            DECODER_FILE: (self.first_step, {"input_ids", "encoder_attention_mask", "encoder_hidden_states"},
+                           {"logits": [config.vocab_size],
+                            **{f"present.{n}": kv_shape for n in self.self_attention + self.cross_attention}}),
+            DECODER_WITH_PAST_FILE: (self.next_step, {"input_ids", "encoder_attention_mask", *past},
+                                     {"logits": [config.vocab_size], **{f"present.{n}": kv_shape
+                                                                        for n in self.self_attention}}),
+        }
+        for name, (session, inputs, outputs) in expected.items():
+            found_inputs = {i.name for i in session.get_inputs()}
+            found_outputs = {o.name: o.shape for o in session.get_outputs()}
+            if found_inputs != inputs or set(found_outputs) != set(outputs):
+                raise PipelineError(
+                    f"{path / name}: not the T5 graph config.json describes ({config.num_decoder_layers} decoder "
+                    f"layers); inputs/outputs differ by "
+                    f"{sorted((found_inputs ^ inputs) | (set(found_outputs) ^ set(outputs)))}")
+            for output, dims in outputs.items():
+                shape = found_outputs[output]
+                fixed = [shape[-1]] if len(dims) == 1 else [shape[1], shape[3]]
+                if fixed != dims:
+                    raise PipelineError(f"{path / name}: output {output} has fixed dimensions {fixed}, config.json "
+                                        f"says {dims} (graphs and config.json from different models?)")
+        recorded = {session.get_modelmeta().custom_metadata_map.get(WEIGHTS_DIGEST_KEY)
+                    for session, _, _ in expected.values()}
+        actual = file_digest(path / WEIGHTS_FILE)
+        if recorded != {actual}:
+            raise PipelineError(f"{path / WEIGHTS_FILE}: not the weights these graphs were exported with "
+                                f"(sha256 {actual[:12]}..., the graphs expect "
+                                f"{', '.join(sorted(str(r)[:12] + '...' for r in recorded))}); re-run the export")
 
     def _run(self, session, inputs: dict, outputs: dict) -> None:
         """Run `session` reading `inputs` and writing into the preallocated `outputs` (name -> tensor)."""
@@ -194,23 +266,26 @@ class OnnxSeq2Seq:
 
         if do_sample or early_stopping:
             raise ValueError("OnnxSeq2Seq.generate decodes deterministically with early_stopping=False only")
-        config = self.config
-        input_ids, attention_mask = input_ids.to(self.device), attention_mask.to(self.device)
-        tokens = dict(start_token_id=config.decoder_start_token_id, eos_token_id=config.eos_token_id,
-                      pad_token_id=config.pad_token_id, max_new_tokens=max_new_tokens,
-                      min_new_tokens=min_new_tokens, processors=list(logits_processor), device=self.device)
+        if max_new_tokens < 1 or num_beams < 1 or not 1 <= num_return_sequences <= num_beams:
+            raise ValueError(f"max_new_tokens={max_new_tokens}, num_beams={num_beams}, num_return_sequences="
+                             f"{num_return_sequences}: expected at least 1 token and 1 <= sequences <= beams")
+        settings = self.search_options
+        options = dict(start_token_id=settings["decoder_start_token_id"], eos_token_id=settings["eos_token_id"],
+                       pad_token_id=settings["pad_token_id"], max_new_tokens=max_new_tokens,
+                       min_new_tokens=min_new_tokens, processors=list(logits_processor), device=self.device)
+        # Any integer ids or 0/1 mask a tokenizer gives; the graphs take int64.
+        input_ids = input_ids.to(self.device, torch.long).contiguous()
+        attention_mask = attention_mask.to(self.device, torch.long).contiguous()
         with torch.inference_mode():
-            input_ids, attention_mask = input_ids.contiguous(), attention_mask.contiguous()
             hidden = self.encode(input_ids, attention_mask)
             if num_beams == 1:
-                if num_return_sequences != 1:
-                    raise ValueError("greedy decoding returns one sequence per input")
-                return greedy_search(self.decoder_step(hidden, attention_mask), len(input_ids), **tokens)
+                return greedy_search(self.decoder_step(hidden, attention_mask), len(input_ids), **options)
             # Every beam of an input reads that input's encoder states (rows input-major, as in generate).
             hidden = hidden.repeat_interleave(num_beams, dim=0)
             attention_mask = attention_mask.repeat_interleave(num_beams, dim=0)
             return beam_search(self.decoder_step(hidden, attention_mask), len(input_ids), num_beams=num_beams,
-                               num_return_sequences=num_return_sequences, **tokens)
+                               num_return_sequences=num_return_sequences,
+                               length_penalty=settings["length_penalty"], **options)
 
 
 def load_onnx(path: str | Path, device: Literal["auto", "cpu", "cuda"] = "auto",
@@ -226,6 +301,7 @@ def load_onnx(path: str | Path, device: Literal["auto", "cpu", "cuda"] = "auto",
         raise PipelineError(f"{path}: cannot load ONNX model: {str(exc).splitlines()[0]}") from exc
     log.info("loaded ONNX model %s on %s", path, provider)
     return model
+
 
 def is_quantized(graph_file: str | Path) -> bool:
     """True when the ONNX graph (including subgraphs of If nodes) already contains quantized operators."""

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipelines.common.errors import PipelineError, describe_validation_error
 
@@ -90,13 +90,22 @@ class TokenizeParams(Section):
 
 
 class T5Params(Section):
-    d_model: int = 256
-    d_ff: int = 1024
-    d_kv: int = 32
-    num_heads: int = 8
-    num_layers: int = 3
-    num_decoder_layers: int = 3
-    dropout_rate: float = 0.1
+    d_model: int = Field(256, ge=1)
+    d_ff: int = Field(1024, ge=1)
+    d_kv: int = Field(32, ge=1)
+    num_heads: int = Field(8, ge=1)
+    num_layers: int = Field(3, ge=1)
+    num_decoder_layers: int = Field(3, ge=1)
+    dropout_rate: float = Field(0.1, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _decoder_fits_the_cache(self) -> T5Params:
+        # transformers 4.57's generate sizes T5's key/value cache by num_layers and fails with an
+        # IndexError after training when the decoder has more layers; say so before any work.
+        if self.num_decoder_layers > self.num_layers:
+            raise ValueError(f"num_decoder_layers ({self.num_decoder_layers}) > num_layers ({self.num_layers}): "
+                             "transformers' generate cannot decode such a T5 (its cache has num_layers entries)")
+        return self
 
 
 class TrainParams(Section):

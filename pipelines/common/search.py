@@ -1,6 +1,8 @@
 """Greedy and beam search over a decoder step function, with the semantics of Hugging Face `generate`
 (transformers 4.57: `_sample` without sampling, and the vectorized `_beam_search` with `early_stopping=False`),
-so a model decoded here returns the same sequences as the same model under `model.generate`.
+so a model decoded here returns the same sequences as the same model under `model.generate` (the same
+tokens up to each hypothesis's end; the padding after it may differ: transformers pads finished beams with
+the end-of-sequence id when the pad id is 0, here they are padded with the pad id).
 
 The ONNX Runtime model (`pipelines.common.onnx_model.OnnxSeq2Seq`) decodes with these. Its graphs do the
 arithmetic in microseconds per step at our model sizes; the generic `generate` loop spends more than that

@@ -115,6 +115,43 @@ def test_load_onnx_reports_missing_and_incomplete_directories(exported_workspace
         load_onnx(broken)
 
 
+def test_load_onnx_refuses_files_that_do_not_belong_together(eval_onnx, exported_workspace, tmp_path):
+    import json
+
+    def copy(name: str) -> Path:
+        target = tmp_path / name
+        shutil.copytree(eval_onnx, target)
+        return target
+
+    for key, value in (("vocab_size", 999), ("num_heads", 3), ("d_kv", 5)):
+        wrong = copy(f"config-{key}")
+        config = json.loads((wrong / "config.json").read_text())
+        (wrong / "config.json").write_text(json.dumps({**config, key: value}))
+        with pytest.raises(PipelineError, match=r"config-.*: output .* has fixed dimensions .* config.json says"):
+            load_onnx(wrong)
+    mixed = copy("mixed-weights")  # the weights file of another export of the same graphs' names
+    shutil.copy2(exported_workspace / "models/onnx/fp32" / WEIGHTS_FILE, mixed / WEIGHTS_FILE)
+    with pytest.raises(PipelineError, match=r"weights.onnx_data: not the weights these graphs were exported with"):
+        load_onnx(mixed)
+    settings = copy("generation-settings")
+    generation = json.loads((settings / "generation_config.json").read_text())
+    (settings / "generation_config.json").write_text(json.dumps({**generation, "no_repeat_ngram_size": 3}))
+    with pytest.raises(PipelineError, match=r"generation_config.json sets no_repeat_ngram_size"):
+        load_onnx(settings)
+
+
+def test_onnx_generate_arguments(eval_onnx):
+    model = load_onnx(eval_onnx, device="cpu")
+    ids = torch.tensor([[5, 6, 7, 1]])
+    expected = model.generate(ids, torch.ones_like(ids), max_new_tokens=4)
+    # Integer ids and a 0/1 mask of any dtype, as tokenizers and callers produce them.
+    assert torch.equal(model.generate(ids.int(), torch.ones_like(ids, dtype=torch.bool), max_new_tokens=4), expected)
+    for bad in (dict(max_new_tokens=0, num_beams=2), dict(max_new_tokens=4, num_beams=2, num_return_sequences=3),
+                dict(max_new_tokens=4, num_return_sequences=2)):
+        with pytest.raises(ValueError, match="sequences <= beams"):
+            model.generate(ids, torch.ones_like(ids), **bad)
+
+
 def test_quantizing_a_quantized_model_is_refused(exported_workspace, tmp_path):
     with pytest.raises(PipelineError, match=r"int8: .*already quantized"):
         export.quantize_graphs(exported_workspace / "models/onnx/int8", tmp_path / "twice")
