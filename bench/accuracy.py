@@ -21,7 +21,7 @@ with both, e.g. `--levers baseline,linking,linking+retrieval`):
   that were an example's SQL); needs retrieval for a bank of examples;
 - all: every lever above together.
 With `--distill-minutes M`, each trained row also runs the distill stage (a `distill.student` T5 from that
-row's teacher, M minutes) and a second table compares student and teacher as the stage reports them
+row's teacher, M minutes, `--distill-epochs`) and a second table compares student and teacher as the stage reports them
 (metrics/distill.json): parameters, greedy dev EX, batch-1 latency, and their ratios (the issue-4 target:
 at most a quarter of the parameters, at least 90% of the teacher's EX).
 constrained and candidates change decoding only: a row that differs from an earlier row by them alone
@@ -87,8 +87,9 @@ def row_params(base: Params, row: str, args: argparse.Namespace) -> Params:
         raw["train"]["epochs"] = args.epochs
     if args.distill_minutes is not None:
         raw["distill"]["max_train_minutes"] = args.distill_minutes
-        if args.epochs is not None:
-            raw["distill"]["epochs"] = args.epochs
+        epochs = args.distill_epochs if args.distill_epochs is not None else args.epochs
+        if epochs is not None:
+            raw["distill"]["epochs"] = epochs
     raw["evaluate"].update(
         model="teacher", max_examples=args.eval_examples, constrained="constrained" in levers,
         example_candidates=(args.example_candidates or base.evaluate.example_candidates or 3)
@@ -188,6 +189,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="evaluate.example_candidates of the candidates rows (default: params.yaml's, or 3 where that is 0)")
     parser.add_argument("--distill-minutes", type=float,
                         help="also distill a student from each trained row's teacher with this budget (see above)")
+    parser.add_argument("--distill-epochs", type=float, help="distill.epochs of those students (default: --epochs)")
     parser.add_argument("--max-examples", type=int, help="ingest.max_examples (a seeded subset of the dataset)")
     parser.add_argument("--eval-examples", type=int, help="evaluate.max_examples (default: the whole split)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (the issue's budget: 2 cores)")
