@@ -141,6 +141,7 @@ class OnnxSeq2Seq:
     never leaves the device between steps, on CPU and CUDA alike."""
 
     def __init__(self, path: Path, provider: str, options) -> None:
+        import numpy as np
         import onnxruntime as ort
         import torch
         from transformers import AutoConfig
@@ -155,7 +156,9 @@ class OnnxSeq2Seq:
         self.self_attention = [f"{layer}.decoder.{kind}" for layer in layers for kind in ("key", "value")]
         self.cross_attention = [f"{layer}.encoder.{kind}" for layer in layers for kind in ("key", "value")]
         self._check_graphs()
+        # What IO binding needs on every run, computed once: where the tensors live and their element types.
         self._device_args = (self.device.type, self.device.index or 0)
+        self._element_types = {torch.float32: np.float32, torch.int64: np.int64}
 
     def _check_graphs(self) -> None:
         """The three graphs are T5 graphs of the size config.json states, and weights.onnx_data is the one
@@ -196,10 +199,9 @@ class OnnxSeq2Seq:
 
     def _run(self, session, inputs: dict, outputs: dict) -> None:
         """Run `session` reading `inputs` and writing into the preallocated `outputs` (name -> tensor)."""
-        import numpy as np
         import torch
 
-        elements = {torch.float32: np.float32, torch.int64: np.int64}
+        elements = self._element_types
         binding = session.io_binding()
         for name, tensor in inputs.items():
             binding.bind_input(name, *self._device_args, elements[tensor.dtype], tuple(tensor.shape), tensor.data_ptr())

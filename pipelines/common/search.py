@@ -44,9 +44,10 @@ def greedy_search(step: Step, rows: int, *, start_token_id: int, eos_token_id: i
     produced end-of-sequence continues with padding, and decoding stops once every row has."""
     sequences = torch.full((rows, 1), start_token_id, dtype=torch.long, device=device)
     unfinished = torch.ones(rows, dtype=torch.bool, device=device)
+    processors = list(processors)
     for generated in range(max_new_tokens):
         logits = step(sequences[:, -1], None).float()
-        scores = _constrain(logits, sequences, list(processors), generated, min_new_tokens, eos_token_id)
+        scores = _constrain(logits, sequences, processors, generated, min_new_tokens, eos_token_id)
         next_tokens = torch.where(unfinished, scores.argmax(dim=-1), pad_token_id)
         sequences = torch.cat([sequences, next_tokens[:, None]], dim=1)
         unfinished &= next_tokens != eos_token_id
@@ -72,7 +73,7 @@ def beam_search(step: Step, batch_size: int, *, num_beams: int, num_return_seque
     (Hugging Face's `early_stopping=False` heuristic) or at `max_new_tokens`."""
     k, max_length = num_beams, 1 + max_new_tokens
     keep = 2 * k  # one end-of-sequence token: the top 2k continuations always leave k that go on
-    vocab_size: int | None = None
+    processors = list(processors)
     running = torch.full((batch_size, k, max_length), pad_token_id, dtype=torch.long, device=device)
     running[:, :, 0] = start_token_id
     finished = running.clone()
@@ -88,7 +89,7 @@ def beam_search(step: Step, batch_size: int, *, num_beams: int, num_return_seque
     while True:
         flat = running[:, :, :length].reshape(batch_size * k, length)
         log_probs = torch.log_softmax(step(flat[:, -1], reorder).float(), dim=-1)
-        log_probs = _constrain(log_probs, flat, list(processors), length - 1, min_new_tokens, eos_token_id)
+        log_probs = _constrain(log_probs, flat, processors, length - 1, min_new_tokens, eos_token_id)
         vocab_size = log_probs.shape[-1]
         totals = (log_probs.view(batch_size, k, vocab_size) + running_scores[:, :, None]).view(batch_size, -1)
 
